@@ -1,0 +1,259 @@
+"""The layer-agnostic part of an exact Fisher block: Gram route, cache, and the damped solve.
+
+A block covers one layer's kernel and bias together. Subclasses (one per layer kind) know only their
+layer: which layers they accept, the pre-activation output, the patch rows Âᵢ (with the bias column),
+the output-gradient rows Gᵢ, and how the kernel and bias gradients map to one D_in × D_out matrix.
+Everything else (which Gram route, what to cache between curvature updates, chunking to stay within
+the memory budget, the Woodbury solve) is here and the same for every kind.
+
+Cache: a block keeps what it needs to precondition new gradients between curvature updates, in
+tf.Variables whose leading (sample) dimension is dynamic, since the batch size is only known at run
+time. It caches the factors (Â, G) or the explicit per-sample gradients J, whichever is smaller, plus
+the float64 Cholesky factor of mλI + K.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import keras
+import tensorflow as tf
+
+from tengrad_tf import woodbury
+from tengrad_tf.blocks import per_sample
+
+_BYTES = 4  # float32; float64 models double it, which the budget check below ignores
+
+
+class GramRoute(str, enum.Enum):
+    FACTORED = "F"  # K from Â and G, pairwise over positions: m²P²(D_in + D_out)
+    EXPLICIT = "E"  # K = J Jᵀ from explicit per-sample gradients: mPD_inD_out + m²D_inD_out
+
+
+class CacheKind(str, enum.Enum):
+    FACTORS = "factors"  # Â (m, P, D_in) and G (m, P, D_out)
+    PER_SAMPLE = "per-sample gradients"  # J (m, D_in, D_out)
+
+
+class FisherBlock:
+    """Exact (F + λI)⁻¹ for one layer, F = (1/m) Σᵢ vec(Jᵢ) vec(Jᵢ)ᵀ with Jᵢ = Âᵢᵀ Gᵢ."""
+
+    #: Keras layer classes this block handles (exact type match is not required: subclasses that keep
+    #: the parent's `call` are captured, because capture patches the parent's method).
+    layer_classes: tuple[type, ...] = ()
+    kind: str = "block"
+
+    def __init__(self, layer: keras.layers.Layer, memory_budget: int):
+        self.layer = layer
+        self.memory_budget = int(memory_budget)
+        self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
+        self._cache: dict[str, tf.Variable] | None = None
+
+    # ---- what a subclass provides ---------------------------------------------------------------
+    @classmethod
+    def unsupported_reason(cls, layer) -> str | None:
+        """Why this layer cannot get an exact block (None if it can)."""
+        if getattr(layer, "lora_enabled", False):
+            return "LoRA-enabled layers are not preconditioned"
+        if getattr(layer, "quantization_mode", None):
+            return f"quantized layer (mode {layer.quantization_mode!r})"
+        return None
+
+    @staticmethod
+    def preactivation(layer, inputs) -> tf.Tensor:
+        """The layer's output before its activation, computed exactly as the layer's own call."""
+        raise NotImplementedError  # abstract: DenseBlock and ConvBlock override
+
+    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Â without the bias column: (m, P, D_in)."""
+        raise NotImplementedError  # abstract
+
+    def positions(self, inputs_shape) -> int:
+        """P, the number of patch rows per sample (static)."""
+        raise NotImplementedError  # abstract
+
+    @property
+    def dtype(self) -> tf.DType:
+        """float64 for float64 layers (exact tests), float32 otherwise (float16/bfloat16 included:
+        the factors of mixed-precision layers are kept in float32)."""
+        return tf.float64 if self.layer.kernel.dtype == "float64" else tf.float32
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.layer, "bias", None) is not None
+
+    @property
+    def kernel_rows(self) -> int:
+        return math.prod(self.layer.kernel.shape[:-1])
+
+    @property
+    def d_in(self) -> int:
+        return self.kernel_rows + int(self.has_bias)
+
+    @property
+    def d_out(self) -> int:
+        return int(self.layer.kernel.shape[-1])
+
+    # ---- shared ------------------------------------------------------------------------------
+    def patches(self, inputs: tf.Tensor) -> tf.Tensor:
+        """Â: (m, P, D_in) in float32, with a column of ones for the bias."""
+        rows = tf.cast(self.input_rows(inputs), self.dtype)
+        if self.has_bias:
+            rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
+        return rows
+
+    def output_rows(self, output_grad: tf.Tensor) -> tf.Tensor:
+        """G: (m, P, D_out) in float32."""
+        g = tf.cast(output_grad, self.dtype)
+        return tf.reshape(g, [tf.shape(g)[0], -1, self.d_out])
+
+    def to_matrix(self, grads: list[tf.Tensor]) -> tf.Tensor:
+        """Kernel and bias gradients (or directions) as one (D_in, D_out) matrix, bias last."""
+        kernel = tf.reshape(tf.cast(grads[0], self.dtype), [self.kernel_rows, self.d_out])
+        if self.has_bias:
+            kernel = tf.concat([kernel, tf.cast(grads[1], self.dtype)[None, :]], axis=0)
+        return kernel
+
+    def from_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
+        kernel = tf.reshape(matrix[: self.kernel_rows], self.layer.kernel.shape)
+        out = [tf.cast(kernel, self.layer.kernel.dtype)]
+        if self.has_bias:
+            out.append(tf.cast(matrix[self.kernel_rows], self.layer.bias.dtype))
+        return out
+
+    # ---- cost model ----------------------------------------------------------------------------
+    def cache_kind(self, p: int) -> CacheKind:
+        """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample."""
+        if p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
+            return CacheKind.FACTORS
+        return CacheKind.PER_SAMPLE
+
+    def factored_threshold(self, p: int, cache: CacheKind) -> float:
+        """Route F is cheaper than route E iff m < this threshold (inf: always; 0: never).
+
+        Flops: F costs m²P²(D_in + D_out); E costs mPD_inD_out + m²D_inD_out. If J must be cached
+        anyway, E's first term is paid by both routes and drops out of the comparison.
+        """
+        if p == 1:
+            return math.inf
+        dd = self.d_in * self.d_out
+        f_per_m2 = p * p * (self.d_in + self.d_out)
+        e_per_m = 0 if cache is CacheKind.PER_SAMPLE else p * dd
+        if f_per_m2 <= dd:
+            return math.inf
+        return e_per_m / (f_per_m2 - dd)
+
+    def chunk(self, per_sample_bytes: int) -> int:
+        """Samples per chunk so that one chunk's intermediate stays within the memory budget."""
+        return max(1, self.memory_budget // max(1, per_sample_bytes))
+
+    def describe(self, inputs_shape) -> str:
+        p = self.positions(inputs_shape)
+        cache = self.cache_kind(p)
+        threshold = self.factored_threshold(p, cache)
+        if threshold == math.inf:
+            route = "Gram route F"
+        elif threshold < 1:
+            route = "Gram route E"
+        else:
+            route = f"Gram route F for batch < {threshold:.0f}, else E"
+        return (
+            f"{self.kind} block of layer '{self.layer.name}' (kernel{'+bias' if self.has_bias else ''},"
+            f" D_in={self.d_in}, D_out={self.d_out}, P={p}; {route}; caches {cache.value})"
+        )
+
+    # ---- curvature ---------------------------------------------------------------------------
+    def _build_cache(self, cache: CacheKind) -> None:
+        def var(name, dtype, rank):
+            # Leading dims are dynamic: the batch size (and so m) is only known when a step runs.
+            return tf.Variable(
+                tf.zeros([0] * rank, dtype), shape=tf.TensorShape([None] * rank),
+                trainable=False, name=f"{self.layer.name}_{name}",
+            )
+
+        with tf.init_scope():
+            if cache is CacheKind.FACTORS:
+                state = {"a": var("a", self.dtype, 3), "g": var("g", self.dtype, 3)}
+            else:
+                state = {"j": var("j", self.dtype, 3)}
+            state["cholesky"] = var("cholesky", woodbury.SOLVE_DTYPE, 2)
+            state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
+                                           name=f"{self.layer.name}_damping")
+        self._cache = state
+
+    @property
+    def cache_variables(self) -> dict[str, tf.Variable]:
+        return dict(self._cache or {})
+
+    def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor], damping,
+                          max_retries: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """This step's factors, Gram and Cholesky factor: ({name: tensor}, damping retries).
+
+        `inputs`/`output_grads` hold one entry per call of the layer in the step: a shared layer
+        contributes the patch rows of every call to the same per-sample gradient, so the calls are
+        concatenated along the position axis (exact, not an approximation).
+        """
+        p = sum(self.positions(x.shape) for x in inputs)
+        cache = self.cache_kind(p)
+        g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
+        patches = lambda xs: tf.concat([self.patches(x) for x in xs], axis=1)  # noqa: E731
+        m = tf.shape(g)[0]
+        threshold = self.factored_threshold(p, cache)
+
+        def route_f():
+            a = patches(inputs)
+            # A chunk of rows i holds (rows, m, P, P) pairs of products; m is known at run time only.
+            rows = tf.maximum(1, self.memory_budget // (_BYTES * 2 * p * p * m))
+            return a, per_sample.gram_factored(a, g, rows)
+
+        if cache is CacheKind.FACTORS:
+            a, gram = route_f()  # P(D_in + D_out) <= D_in·D_out: route F is also the cheaper one
+            state = {"a": a, "g": g}
+        else:
+            j = per_sample.per_sample(patches, inputs, g, self.chunk(_BYTES * p * self.d_in))
+            if threshold == math.inf:
+                gram = route_f()[1]
+            elif threshold < 1:
+                gram = per_sample.gram_explicit(j)
+            else:
+                gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
+                               lambda: per_sample.gram_explicit(j))
+            state = {"j": j}
+        damped = woodbury.factorize(gram, damping, max_retries)
+        state.update(cholesky=damped.cholesky, damping=damped.damping)
+        return state, damped.retries
+
+    def curvature_or_cached(self, is_update, inputs, output_grads, damping, max_retries):
+        """Fresh curvature on update steps, the cached one otherwise (nothing stored yet)."""
+        if self._cache is None:
+            self._build_cache(self.cache_kind(sum(self.positions(x.shape) for x in inputs)))
+        cached = {k: v.read_value() for k, v in self._cache.items()}
+        return tf.cond(
+            is_update,
+            lambda: self.compute_curvature(inputs, output_grads, damping, max_retries),
+            lambda: (cached, tf.constant(0)),
+        )
+
+    def store_if(self, is_update, curvature: dict[str, tf.Tensor]) -> None:
+        """Keep `curvature` for the steps until the next update (called only for finite steps)."""
+        def store():
+            for k, v in curvature.items():
+                self._cache[k].assign(v)
+            return tf.constant(True)
+
+        tf.cond(is_update, store, lambda: tf.constant(False))
+
+    def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
+        """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
+        v = self.to_matrix(grads)
+        c = curvature
+        if "j" in c:
+            j = c["j"]
+            utv = per_sample.project_explicit(j, v)
+            u_times = lambda s: per_sample.combine_explicit(j, s)  # noqa: E731
+        else:
+            a, g = c["a"], c["g"]
+            utv = per_sample.project_factored(a, g, v)
+            u_times = lambda s: per_sample.combine_factored(a, g, s)  # noqa: E731
+        damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
+        return self.from_matrix(woodbury.inverse_times(v, utv, u_times, damped))

@@ -1,0 +1,338 @@
+"""TENGraD's step against the independent float64 reference (tests/reference.py), through `fit`."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tengrad_tf
+from tengrad_tf import TENGraD, fisher
+from tests import reference
+
+def sce():
+    # Built per test: a Loss takes its dtype from floatx when constructed.
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def per_sample_sce(y, logits):
+    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+
+
+def mlp(use_bias=True, inputs=5, hidden=4, classes=3):
+    return keras.Sequential([
+        keras.Input((inputs,)),
+        keras.layers.Dense(hidden, activation="tanh", use_bias=use_bias),
+        keras.layers.Dense(classes, use_bias=use_bias),
+    ])
+
+
+def data(m, inputs=5, classes=3, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(m, inputs)).astype(keras.config.floatx())
+    y = rng.integers(0, classes, size=m)
+    return x, y
+
+
+@pytest.fixture
+def fixed_sampled_labels(monkeypatch):
+    """Expose the true Fisher's sampled labels: make them a fixed, known array."""
+    labels = {}
+
+    def sample(loss, y_pred, seed=None):
+        return tf.constant(labels["y"])
+
+    monkeypatch.setattr(fisher, "sample_labels", sample)
+    return labels
+
+
+def plain(**kw):
+    base = dict(momentum=0.0, weight_decay=None, kl_clip=None, curvature_update_freq=1)
+    base.update(kw)
+    return TENGraD(**base)
+
+
+def weights(model):
+    return {v.path: v.numpy().astype(np.float64).ravel() for v in model.trainable_variables}
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_one_fit_step_is_the_exact_natural_gradient(float64, fixed_sampled_labels, fisher_type,
+                                                   use_bias):
+    m, lr, damping = 8, 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
+    model = mlp(use_bias)
+    x, y = data(m)
+    y_fisher = (y + 1) % 3 if fisher_type == "true" else y  # labels ≠ y: catches using y by mistake
+    fixed_sampled_labels["y"] = y_fisher
+    expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_sce, damping)
+    before = weights(model)
+    model.compile(optimizer=plain(learning_rate=lr, damping=damping, fisher=fisher_type), loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12,
+                                   err_msg=path)
+
+
+def test_reference_would_catch_wrong_factors(float64):
+    """The tolerance above is far tighter than the errors it is meant to catch."""
+    m, damping = 8, 0.05
+    model = mlp()
+    x, y = data(m)
+    d, g = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    variables = model.trainable_variables
+    u = reference.per_sample_gradients(model, x, y, per_sample_sce, variables)
+    kernel, bias = variables[0], variables[1]
+    # Fisher without the 1/m, and without the bias in the block.
+    wrong_m = reference.block_direction([u[kernel.path] * np.sqrt(m), u[bias.path] * np.sqrt(m)],
+                                        [g[kernel.path], g[bias.path]], damping)[0]
+    wrong_bias = reference.block_direction([u[kernel.path]], [g[kernel.path]], damping)[0]
+    for wrong in (wrong_m, wrong_bias):
+        assert np.max(np.abs(wrong - d[kernel.path])) > 1e-4 * np.max(np.abs(d[kernel.path]))
+
+
+def build_model(kind):
+    inputs = keras.Input((5,))
+    if kind == "sequential":
+        return mlp()
+    if kind == "functional":
+        h = keras.layers.Dense(4, activation="tanh")(inputs)
+        return keras.Model(inputs, keras.layers.Dense(3)(h))
+    if kind == "nested":
+        inner = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh")])
+        return keras.Model(inputs, keras.layers.Dense(3)(inner(inputs)))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.hidden = keras.layers.Dense(4, activation="tanh")
+            self.out = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.out(self.hidden(x))
+
+    model = Subclassed()
+    model(np.zeros((1, 5)))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["sequential", "functional", "nested", "subclassed"])
+def test_fit_binds_every_model_style(float64, kind):
+    m, lr, damping = 8, 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
+    model = build_model(kind)
+    x, y = data(m)
+    expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    before = weights(model)
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical")
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = weights(model)
+    assert len(expected) == 4
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
+    assert all("Dense block" in t for t in opt.treatments().values())
+
+
+@pytest.mark.parametrize("traced", [True, False])
+def test_custom_training_loop(float64, traced):
+    m, lr, damping = 8, 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
+    model = mlp()
+    x, y = data(m)
+    expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    before = weights(model)
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical")
+
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = sce()(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    (tf.function(step) if traced else step)(tf.constant(x), tf.constant(y))
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
+
+
+def test_true_fisher_in_eager_loop_says_what_to_do():
+    model = mlp()
+    x, y = data(8)
+    opt = plain(fisher="true")
+    with tf.GradientTape() as tape:
+        loss = sce()(y, model(x, training=True))
+    grads = tape.gradient(loss, model.trainable_variables)
+    with pytest.raises(tengrad_tf.BindingError, match="tf.function"):
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+
+@pytest.mark.parametrize("damping", [1e-3, 1e-4])
+def test_small_damping_in_float32_stays_accurate_and_a_descent_direction(fixed_sampled_labels,
+                                                                         damping):
+    """DESIGN.md: float32 cancellation at small λ made the authors' ⟨d, g⟩ negative."""
+    m, lr = 16, 1e-3
+    model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(8, activation="relu"),
+                              keras.layers.Dense(3)])
+    x, y = data(m, inputs=10)
+    x = x.astype("float32")
+    fixed_sampled_labels["y"] = (y + 1) % 3
+    expected, g = reference.reference_directions(model, x, y, (y + 1) % 3, per_sample_sce, damping)
+    before = weights(model)
+    model.compile(optimizer=plain(learning_rate=lr, damping=damping), loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = weights(model)
+    got = np.concatenate([(before[p] - after[p]) / lr for p in expected])
+    want = np.concatenate([expected[p] for p in expected])
+    assert np.linalg.norm(got - want) <= 1e-3 * np.linalg.norm(want)
+    assert got @ np.concatenate([g[p] for p in expected]) > 0
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, monkeypatch,
+                                                                   fisher_type):
+    """Simulate the whole step rule of DESIGN.md with the reference and compare after 5 steps."""
+    m, steps, freq = 8, 5, 2
+    lr, damping, mu, wd, kappa = 0.0625, 0.05, 0.9, 0.01, 1e-3
+    model = mlp()
+    shadow = keras.models.clone_model(model)
+    shadow.set_weights(model.get_weights())
+    x, y = data(m * steps, seed=3)
+    y_fisher = (y + 2) % 3 if fisher_type == "true" else y
+
+    buffers = {v.path: np.zeros(v.shape).ravel() for v in shadow.trainable_variables}
+    cached = None
+    for t in range(steps):
+        xb, yb, yfb = x[t * m:(t + 1) * m], y[t * m:(t + 1) * m], y_fisher[t * m:(t + 1) * m]
+        variables = shadow.trainable_variables
+        g_per = reference.per_sample_gradients(shadow, xb, yb, per_sample_sce, variables)
+        g = {p: v.mean(axis=0) for p, v in g_per.items()}
+        if t % freq == 0:
+            cached = reference.per_sample_gradients(shadow, xb, yfb, per_sample_sce, variables)
+        d = {}
+        for kernel, bias in reference.layer_blocks(shadow):
+            ds = reference.block_direction([cached[kernel.path], cached[bias.path]],
+                                           [g[kernel.path], g[bias.path]], damping)
+            d[kernel.path], d[bias.path] = ds
+        vdg = sum(d[p] @ g[p] for p in d)
+        nu = min(1.0, np.sqrt(kappa / (lr**2 * vdg)))
+        for v in variables:
+            buffers[v.path] = mu * buffers[v.path] + nu * d[v.path]
+            theta = v.numpy().ravel()
+            theta = theta - lr * wd * theta - lr * buffers[v.path]
+            v.assign(theta.reshape(v.shape))
+
+    batches = iter(range(steps))
+
+    def sample_per_batch(loss, y_pred, seed=None):
+        # Traced once; the known labels of the current batch come in through a numpy_function.
+        def current():
+            t = next(batches)
+            return y_fisher[t * m:(t + 1) * m]
+        return tf.reshape(tf.numpy_function(current, [], tf.int64), [m])
+
+    monkeypatch.setattr(fisher, "sample_labels", sample_per_batch)
+    opt = TENGraD(learning_rate=lr, damping=damping, momentum=mu, weight_decay=wd, kl_clip=kappa,
+                  curvature_update_freq=freq, fisher=fisher_type)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    for v, w in zip(model.trainable_variables, shadow.trainable_variables):
+        np.testing.assert_allclose(v.numpy(), w.numpy(), rtol=1e-8, atol=1e-11, err_msg=v.path)
+
+
+def test_learns_faster_than_sgd_per_step():
+    """A small synthetic task: same steps, same batches, TENGraD ends lower than SGD(momentum)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2048, 20)).astype("float32")
+    teacher = rng.normal(size=(20, 5))
+    y = np.argmax(np.tanh(x @ teacher) + 0.1 * rng.normal(size=(2048, 5)), axis=1)
+
+    def final_loss(opt):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(32, activation="relu"),
+                                  keras.layers.Dense(5)])
+        model.compile(optimizer=opt, loss=sce())
+        return model.fit(x, y, batch_size=64, epochs=2, shuffle=False, verbose=0).history["loss"][-1]
+
+    tengrad = final_loss(TENGraD())
+    sgd = final_loss(keras.optimizers.SGD(learning_rate=0.01, momentum=0.9))
+    assert tengrad < sgd, (tengrad, sgd)
+
+
+def test_summary_lists_every_variable_and_why():
+    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+    opt = TENGraD(fisher="empirical")
+    assert "not bound yet" in opt.summary(print_fn=None)
+    model.compile(optimizer=opt, loss=sce())
+    x, y = data(16, inputs=6, classes=2)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    treatments = opt.treatments()
+    assert set(treatments) == {v.path for v in model.trainable_variables}
+    assert sum("Dense block" in t for t in treatments.values()) == 4
+    bn = [t for p, t in treatments.items() if "batch_normalization" in p]
+    assert len(bn) == 2 and all(t.startswith("first-order") for t in bn)
+    text = opt.summary(print_fn=None)
+    assert all(p in text for p in treatments)
+
+
+def test_no_preconditionable_layer_is_an_error_not_a_silent_sgd():
+    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4),
+                              keras.layers.Flatten()])
+    model.compile(optimizer=TENGraD(fisher="empirical"), loss="mse")
+    with pytest.raises(tengrad_tf.BindingError, match="no layer to precondition"):
+        model.fit(np.zeros((4, 3), "int32"), np.zeros((4, 12)), verbose=0)
+
+
+def test_config_round_trip_and_serialization():
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 100, 0.5)
+    opt = TENGraD(learning_rate=schedule, damping=0.3, momentum=0.5, weight_decay=1e-4,
+                  fisher="empirical", curvature_update_freq=7, kl_clip=None, clipnorm=1.0,
+                  name="my_tengrad")
+    config = opt.get_config()
+    clone = TENGraD.from_config(dict(config))  # Keras replaces the schedule dict in place
+    assert clone.get_config() == config
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert isinstance(restored, TENGraD) and restored.get_config() == config
+    assert restored.curvature_update_freq == 7 and restored.kl_clip is None
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"learning_rate": -1.0}, "learning_rate"),
+    ({"damping": 0.0}, "damping"),
+    ({"damping": "big"}, "damping"),
+    ({"momentum": 1.0}, "momentum"),
+    ({"weight_decay": -0.1}, "weight_decay"),
+    ({"fisher": "exact"}, "fisher"),
+    ({"curvature_update_freq": 0}, "curvature_update_freq"),
+    ({"curvature_update_freq": 2.5}, "curvature_update_freq"),
+    ({"kl_clip": 0.0}, "kl_clip"),
+    ({"memory_budget": 10}, "memory_budget"),
+    ({"gradient_accumulation_steps": 4}, "gradient_accumulation_steps"),
+])
+def test_bad_hyperparameters_fail_at_construction_naming_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TENGraD(**kwargs)
+
+
+def test_unknown_loss_with_true_fisher_suggests_empirical():
+    model = mlp()
+    model.compile(optimizer=TENGraD(), loss=keras.losses.Huber())
+    x, _ = data(8)
+    with pytest.raises(ValueError, match="empirical"):
+        model.fit(x, np.zeros((8, 3)), verbose=0)
+
+
+def test_non_finite_step_leaves_weights_and_state_untouched():
+    model = mlp()
+    x, y = data(8)
+    opt = TENGraD(fisher="empirical")
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    before = [v.numpy().copy() for v in model.variables + opt.variables
+              if "skip" not in v.path]
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    model.fit(bad, y, batch_size=8, epochs=1, verbose=0)
+    after = [v.numpy() for v in model.variables + opt.variables if "skip" not in v.path]
+    for b, a in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert int(opt.skipped_steps.numpy()) == 1
