@@ -30,7 +30,6 @@ import dataclasses
 import hashlib
 import logging
 import os
-import shutil
 import socket
 import struct
 import tempfile
@@ -125,7 +124,8 @@ def _restore_gzip_header(raw: bytes, filename: str) -> bytes:
     return raw[:3] + bytes([flg | 0x08]) + struct.pack("<I", mtime) + raw[8:10] + name + raw[10:]
 
 
-def restore_fashion_mnist_gzip(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[Path]:
+def restore_fashion_mnist_gzip(src_dir: str | os.PathLike,
+                               dst_dir: str | os.PathLike) -> list[Path]:
     """Copy Debian's Fashion-MNIST ``.gz`` files to ``dst_dir`` with the upstream gzip header.
 
     Every written file is verified against the sha256 that TFDS registers for the upstream
@@ -178,7 +178,8 @@ class _NpzCifarMixin:
         arrays = dict(np.load(self.npz_path))
         self.info.features["label"].names = [str(s) for s in arrays["label_names"]]
         if "coarse_label" in self.info.features:
-            self.info.features["coarse_label"].names = [str(s) for s in arrays["coarse_label_names"]]
+            names = arrays["coarse_label_names"]
+            self.info.features["coarse_label"].names = [str(s) for s in names]
         return {tfds.Split.TRAIN: self._generate_examples("train_", arrays, "train"),
                 tfds.Split.TEST: self._generate_examples("test_", arrays, "test")}
 
@@ -196,7 +197,8 @@ class _Cifar10Npz(_NpzCifarMixin, _tfds_cifar.Cifar10, skip_registration=True):
     # Same name and version as the stock builder: the npz holds the complete, unaltered set,
     # so ``tfds.load('cifar10', data_dir=...)`` must find it afterwards.
     name = "cifar10"
-    _NOTE = "\n\nGenerated offline from cifar10.npz (full set; file order shuffled, ids renumbered)."
+    _NOTE = ("\n\nGenerated offline from cifar10.npz (full set; file order shuffled, "
+             "ids renumbered).")
 
 
 class _Cifar100SmallNpz(_NpzCifarMixin, _tfds_cifar.Cifar100, skip_registration=True):
@@ -241,8 +243,8 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 def _offline_prepare(builder: tfds.core.DatasetBuilder, manual_dir: Path | None = None) -> None:
     # Scratch download/extract dirs: nothing is fetched, and the extracted copies are not kept.
     with tempfile.TemporaryDirectory(prefix="tengrad_tfds_") as tmp:
-        cfg = tfds.download.DownloadConfig(manual_dir=manual_dir, extract_dir=Path(tmp, "extracted"),
-                                           try_download_gcs=False)
+        cfg = tfds.download.DownloadConfig(manual_dir=manual_dir, try_download_gcs=False,
+                                           extract_dir=Path(tmp, "extracted"))
         builder.download_and_prepare(download_dir=tmp, download_config=cfg)
 
 

@@ -229,8 +229,8 @@ class TENGraD(keras.optimizers.Optimizer):
     def _kl_clip(self, directions, grads):
         if self.kl_clip is None:
             return directions
-        # Scalars in float64: cheap, and it keeps ν exact to float64 for float64 models.
-        vdg = tf.add_n([tf.reduce_sum(tf.cast(d, tf.float64) * tf.cast(g, tf.float64))
+        # Reduce in the variables' dtype, then combine the per-variable scalars in float64.
+        vdg = tf.add_n([tf.cast(tf.reduce_sum(d * tf.cast(g, d.dtype)), tf.float64)
                         for d, g in zip(directions, grads) if d is not None])
         lr = tf.cast(self.learning_rate, tf.float64)
         # ⟨d, g⟩ > 0 in exact arithmetic (F + λI is positive definite); the floor only keeps a

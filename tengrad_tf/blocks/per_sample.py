@@ -83,12 +83,16 @@ def gram_explicit(j: Tensor) -> Tensor:
 
 def project_factored(a: Tensor, g: Tensor, v: Tensor) -> Tensor:
     """(Uᵀv)ᵢ = Σₜ (Âᵢ V)ₜ · Gᵢₜ for V (D_in, D_out) → (m,). Cost m·P·D_in·D_out."""
+    if a.shape[1] == 1:  # plain matmuls: einsum's reshapes cost as much as the work for a Dense
+        return tf.reduce_sum(tf.matmul(a[:, 0], v) * g[:, 0], axis=1)
     av = tf.einsum("ipa,ab->ipb", a, v)
     return tf.reduce_sum(av * g, axis=[1, 2])
 
 
 def combine_factored(a: Tensor, g: Tensor, s: Tensor) -> Tensor:
     """U s = Σᵢ sᵢ Âᵢᵀ Gᵢ = Âᵀ diag(s) G → (D_in, D_out)."""
+    if a.shape[1] == 1:
+        return tf.matmul(a[:, 0] * s[:, None], g[:, 0], transpose_a=True)
     return tf.einsum("ipa,ipb->ab", a * s[:, None, None], g)
 
 

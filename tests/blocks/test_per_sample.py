@@ -1,0 +1,82 @@
+"""The per-sample algebra: routes F and E agree, chunking changes nothing, and U, Uᵀ are adjoint."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from tengrad_tf.blocks import CacheKind, ConvBlock, DenseBlock, per_sample
+
+
+def factors(m=5, p=7, d_in=4, d_out=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.normal(size=(m, p, d_in))), tf.constant(rng.normal(size=(m, p, d_out)))
+
+
+def explicit_u(a, g):
+    return np.einsum("ipa,ipb->iab", a.numpy(), g.numpy()).reshape(a.shape[0], -1)
+
+
+@pytest.mark.parametrize("p", [1, 7])
+def test_routes_give_the_reference_gram(p):
+    a, g = factors(p=p)
+    u = explicit_u(a, g)
+    j = per_sample.per_sample(lambda xs: xs[0], [a], g)
+    np.testing.assert_allclose(per_sample.gram_factored(a, g).numpy(), u @ u.T, rtol=1e-12)
+    np.testing.assert_allclose(per_sample.gram_explicit(j).numpy(), u @ u.T, rtol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 8])
+def test_chunking_is_exact_for_any_chunk(chunk):
+    a, g = factors(m=5)
+    full = per_sample.gram_factored(a, g)
+    np.testing.assert_allclose(per_sample.gram_factored(a, g, chunk).numpy(), full.numpy(),
+                               rtol=1e-12)
+    j_full = per_sample.per_sample(lambda xs: xs[0], [a], g)
+    j_chunk = per_sample.per_sample(lambda xs: xs[0], [a], g, chunk)
+    np.testing.assert_allclose(j_chunk.numpy(), j_full.numpy(), rtol=1e-12)
+
+
+def test_chunking_with_a_dynamic_batch_inside_tf_function():
+    a, g = factors(m=5)
+    spec = [tf.TensorSpec([None, 7, 4], tf.float64), tf.TensorSpec([None, 7, 3], tf.float64)]
+    f = tf.function(lambda a, g: per_sample.gram_factored(a, g, tf.constant(2)),
+                    input_signature=spec)
+    np.testing.assert_allclose(f(a, g).numpy(), per_sample.gram_factored(a, g).numpy(),
+                               rtol=1e-12)
+
+
+def test_project_and_combine_are_u_transpose_and_u():
+    a, g = factors()
+    u = explicit_u(a, g)
+    rng = np.random.default_rng(1)
+    v, s = rng.normal(size=(4, 3)), rng.normal(size=5)
+    j = per_sample.per_sample(lambda xs: xs[0], [a], g)
+    for project, combine in [
+        (lambda v: per_sample.project_factored(a, g, v), lambda s: per_sample.combine_factored(a, g, s)),
+        (lambda v: per_sample.project_explicit(j, v), lambda s: per_sample.combine_explicit(j, s)),
+    ]:
+        np.testing.assert_allclose(project(tf.constant(v)).numpy(), u @ v.ravel(), rtol=1e-12)
+        np.testing.assert_allclose(combine(tf.constant(s)).numpy().ravel(), u.T @ s, rtol=1e-12)
+
+
+def test_cost_model_switches_where_the_arithmetic_says():
+    """Late, small-image layers (small P) take route F; early ones (large P) take route E."""
+    late = keras.layers.Conv2D(128, 3, padding="same")
+    late.build((None, 3, 3, 128))
+    early = keras.layers.Conv2D(128, 3, padding="same")
+    early.build((None, 28, 28, 128))
+    late_block, early_block = ConvBlock(late, 2**28), ConvBlock(early, 2**28)
+    m = 128
+    for block, p in ((late_block, 9), (early_block, 784)):
+        cache = block.cache_kind(p)
+        threshold = block.factored_threshold(p, cache)
+        d_in, d_out = block.d_in, block.d_out
+        cost_f = m * m * p * p * (d_in + d_out)
+        cost_e = (0 if cache is CacheKind.PER_SAMPLE else m * p * d_in * d_out) + m * m * d_in * d_out
+        assert (m < threshold) == (cost_f < cost_e), (p, threshold)
+    assert late_block.factored_threshold(9, late_block.cache_kind(9)) > m
+    assert early_block.factored_threshold(784, early_block.cache_kind(784)) < m
+    dense = keras.layers.Dense(10)
+    dense.build((None, 500))
+    assert DenseBlock(dense, 2**28).cache_kind(1) is CacheKind.FACTORS
