@@ -140,7 +140,7 @@ def vgg16_bn(input_shape=CIFAR_SHAPE, num_classes=10, width_multiplier=1.0, name
     ``padding='same'`` pooling equals the reference's on 32x32 and lets inputs smaller than
     32x32 (tests) go through all five pools.
 
-    Reference configuration (32x32x3, 10 classes): 14,728,266 parameters, of which 14,719,818
+    Reference configuration (32x32x3, 10 classes): 14,732,490 parameters, of which 14,724,042
     trainable and 8,448 BatchNorm moving statistics. ``width_multiplier`` scales every conv's
     channels (rounded, at least 1).
     """
@@ -194,8 +194,8 @@ def wide_resnet(input_shape=CIFAR_SHAPE, num_classes=10, depth=28, widen_factor=
     ``padding='same'``; no dropout. ``width_multiplier`` scales every channel count (also the
     16-channel stem) for tiny tests.
 
-    WRN-28-4 (32x32x3, 10 classes): 5,854,250 parameters, of which 5,848,522 trainable and
-    5,728 BatchNorm moving statistics.
+    WRN-28-4 (32x32x3, 10 classes): 5,856,250 parameters, of which 5,849,050 trainable and
+    7,200 BatchNorm moving statistics.
     """
     input_shape, num_classes = _check(input_shape, num_classes)
     if depth < 10 or (depth - 4) % 6:
@@ -223,8 +223,8 @@ def wrn_28_4(input_shape=CIFAR_SHAPE, num_classes=10, width_multiplier=1.0, dept
              widen_factor=4, name=None):
     """WRN-28-4, the paper's Wide ResNet: ``wide_resnet(depth=28, widen_factor=4)``.
 
-    28 layers (n = 4 blocks per group), channels 16 -> 64, 128, 256; 5,854,250 parameters
-    (5,848,522 trainable, 5,728 BatchNorm moving statistics) for 32x32x3 inputs and 10
+    28 layers (n = 4 blocks per group), channels 16 -> 64, 128, 256; 5,856,250 parameters
+    (5,849,050 trainable, 7,200 BatchNorm moving statistics) for 32x32x3 inputs and 10
     classes. ``depth``/``widen_factor``/``width_multiplier`` can be lowered for tiny tests; the
     model is then named after its actual depth and widen factor.
     """
@@ -243,8 +243,9 @@ def densenet(input_shape=CIFAR_SHAPE, num_classes=10, depth=19, growth_rate=100,
 
     Layers per dense block: ``n = (depth - 4) // 6`` with bottlenecks (``(depth - 4) // 3``
     without); ``depth - 4`` must be a multiple of 3 as in the reference. For the paper's
-    ``depth=19`` this is ``15 // 6 = 2`` bottleneck layers per block (the reference floors, so
-    the network has 3 * 2 * 2 + 2 + 2 = 16 weight layers, not 19).
+    ``depth=19`` this is ``15 // 6 = 2`` bottleneck layers per block: the reference floors, so
+    the network has 16 weight layers, not 19 (12 convs in the dense blocks, 2 transition
+    convs, the stem conv and the classifier). This module chooses the same.
 
     Structure: ``Conv2D(2 * growth_rate, 3x3)``; three dense blocks, each layer
     BN-ReLU-Conv1x1(4 * growth_rate)-BN-ReLU-Conv3x3(growth_rate) concatenated to its input;
@@ -252,8 +253,8 @@ def densenet(input_shape=CIFAR_SHAPE, num_classes=10, depth=19, growth_rate=100,
     then BN-ReLU, ``GlobalAveragePooling2D``, ``Dense(num_classes)``. All convs have no bias.
 
     Reference configuration (depth 19, growth rate 100, 32x32x3, 10 classes): channels
-    200 -> 400 | 200 -> 400 | 200 -> 400; 1,109,610 parameters, of which 1,101,010 trainable
-    and 8,600 BatchNorm moving statistics. Lower ``depth`` (10 gives one layer per block) and
+    200 -> 400 | 200 -> 400 | 200 -> 400; 2,949,810 parameters, of which 2,939,610 trainable
+    and 10,200 BatchNorm moving statistics. Lower ``depth`` (10 gives one layer per block) and
     ``growth_rate`` for tiny tests.
     """
     input_shape, num_classes = _check(input_shape, num_classes)
@@ -367,7 +368,7 @@ def mobilenet_v2(input_shape=CIFAR_SHAPE, num_classes=10, width_multiplier=1.0,
     depthwise convs have no bias.
 
     Reference configuration (32x32x3, 10 classes): 2,296,922 trainable parameters (equal to
-    the PyTorch reference), 2,331,146 with the 34,224 BatchNorm moving statistics
+    the PyTorch reference), 2,332,010 with the 35,088 BatchNorm moving statistics
     (``count_params()``). ``width_multiplier`` scales every channel count, the 1280-wide head
     included (rounded, at least 1), for tiny tests.
     """
@@ -381,8 +382,8 @@ def mobilenet_v2_dense(input_shape=CIFAR_SHAPE, num_classes=10, width_multiplier
     factor halved (t = 3 instead of 6; the t = 1 block keeps t = 1), so that every weight
     layer is a Conv2D/Dense that TENGraD preconditions.
 
-    Reference configuration (32x32x3, 10 classes): 23,033,386 parameters, of which
-    23,009,290 trainable and 24,096 BatchNorm moving statistics. ``width_multiplier`` as for
+    Reference configuration (32x32x3, 10 classes): 11,541,578 parameters, of which
+    11,520,698 trainable and 20,880 BatchNorm moving statistics. ``width_multiplier`` as for
     ``mobilenet_v2``.
     """
     return _mobilenet_v2(input_shape, num_classes, width_multiplier, dense=True, name=name)

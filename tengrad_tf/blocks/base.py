@@ -43,9 +43,13 @@ class FisherBlock:
     layer_classes: tuple[type, ...] = ()
     kind: str = "block"
 
-    def __init__(self, layer: keras.layers.Layer, memory_budget: int):
+    def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
+                 damping: float = 0.1, update_freq: int = 1, max_retries: int = 6):
         self.layer = layer
         self.memory_budget = int(memory_budget)
+        self.damping = damping
+        self.update_freq = update_freq
+        self.max_retries = max_retries
         self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
         self._cache: dict[str, tf.Variable] | None = None
 
@@ -185,8 +189,8 @@ class FisherBlock:
     def cache_variables(self) -> dict[str, tf.Variable]:
         return dict(self._cache or {})
 
-    def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor], damping,
-                          max_retries: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
+                          ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """This step's factors, Gram and Cholesky factor: ({name: tensor}, damping retries).
 
         `inputs`/`output_grads` hold one entry per call of the layer in the step: a shared layer
@@ -219,29 +223,32 @@ class FisherBlock:
                 gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
                                lambda: per_sample.gram_explicit(j))
             state = {"j": j}
-        damped = woodbury.factorize(gram, damping, max_retries)
+        damped = woodbury.factorize(gram, self.damping, self.max_retries)
         state.update(cholesky=damped.cholesky, damping=damped.damping)
         return state, damped.retries
 
-    def curvature_or_cached(self, is_update, inputs, output_grads, damping, max_retries):
-        """Fresh curvature on update steps, the cached one otherwise (nothing stored yet)."""
+    def is_update(self, step) -> tf.Tensor:
+        return tf.equal(tf.math.floormod(step, self.update_freq), 0)
+
+    def curvature(self, step, inputs, output_grads):
+        """Fresh curvature on update steps (every `update_freq`), the cached one otherwise."""
         if self._cache is None:
             self._build_cache(self.cache_kind(sum(self.positions(x.shape) for x in inputs)))
         cached = {k: v.read_value() for k, v in self._cache.items()}
         return tf.cond(
-            is_update,
-            lambda: self.compute_curvature(inputs, output_grads, damping, max_retries),
+            self.is_update(step),
+            lambda: self.compute_curvature(inputs, output_grads),
             lambda: (cached, tf.constant(0)),
         )
 
-    def store_if(self, is_update, curvature: dict[str, tf.Tensor]) -> None:
-        """Keep `curvature` for the steps until the next update (called only for finite steps)."""
+    def commit(self, step, curvature: dict[str, tf.Tensor]) -> None:
+        """Keep fresh `curvature` for the steps until the next update (only for finite steps)."""
         def store():
             for k, v in curvature.items():
                 self._cache[k].assign(v)
             return tf.constant(True)
 
-        tf.cond(is_update, store, lambda: tf.constant(False))
+        tf.cond(self.is_update(step), store, lambda: tf.constant(False))
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
