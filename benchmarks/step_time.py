@@ -113,6 +113,11 @@ def git_commit() -> str:
         return "unknown"
 
 
+def machine() -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor(),
+            "cpus": os.cpu_count(), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -165,8 +170,7 @@ def main(argv=None):
         "benchmark": "step_time",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]},
+        "machine": machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
         "results": results,

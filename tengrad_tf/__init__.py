@@ -1,7 +1,8 @@
 """TENGraD for TensorFlow/Keras 3: natural gradient descent with exact Fisher-block inverses."""
 
 from tengrad_tf.optimizer import TENGraD
+from tengrad_tf.kfac import KFAC
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer
 
 __version__ = "0.1.0"
-__all__ = ["BindingError", "PreconditionedOptimizer", "TENGraD", "__version__"]
+__all__ = ["BindingError", "KFAC", "PreconditionedOptimizer", "TENGraD", "__version__"]

@@ -10,10 +10,13 @@ import pytest  # noqa: E402
 @pytest.fixture
 def float64():
     """Build and train in float64, so that comparisons with the reference are exact to ~1e-12."""
-    previous = keras.config.floatx()
+    previous, policy = keras.config.floatx(), keras.config.dtype_policy()
     keras.config.set_floatx("float64")
+    # Keras caches the global dtype policy from floatx when the first layer is built; set both.
+    keras.config.set_dtype_policy("float64")
     yield
     keras.config.set_floatx(previous)
+    keras.config.set_dtype_policy(policy)
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,9 @@
 """The paper's architectures (tengrad_tf/models.py): tiny versions train one step, full-size
-versions have the documented parameter counts and are made of standard Keras layers only."""
+versions have the documented parameter counts and are made of standard Keras layers only.
+
+To train the tiny models with another optimizer, take the `tiny` fixture (parametrized over every
+registered model name) or call `tiny_model(name)`.
+"""
 
 import inspect
 
@@ -209,3 +213,6 @@ def test_mobilenet_v2_variants():
         # CIFAR strides: 32x32 -> 4x4 before the head.
         assert model.get_layer("stem_conv").strides == (1, 1)
         assert model.get_layer("head_conv").output.shape[1:] == (4, 4, 1280)
+    # He-normal over the depthwise fan-in of 9, not 9 * channels.
+    depthwise = standard.get_layer("block17_depthwise").kernel
+    assert 0.3 < float(np.std(keras.ops.convert_to_numpy(depthwise))) < 0.6

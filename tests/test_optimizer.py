@@ -336,3 +336,35 @@ def test_non_finite_step_leaves_weights_and_state_untouched():
     for b, a in zip(before, after):
         np.testing.assert_array_equal(a, b)
     assert int(opt.skipped_steps.numpy()) == 1
+
+
+def test_xla_with_a_static_batch_is_exact(float64):
+    """A fixed-shape train step under jit_compile=True: fixed-capacity cache, same update."""
+    m, lr, damping = 8, 0.125, 0.05
+    model = mlp()
+    x, y = data(m)
+    expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    before = weights(model)
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical")
+
+    @tf.function(jit_compile=True)
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = sce()(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+
+    step(tf.constant(x), tf.constant(y))
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
+
+
+def test_xla_in_fit_fails_with_a_clear_message():
+    from tengrad_tf.blocks import XlaCacheError
+
+    model = mlp()
+    x, y = data(20)
+    model.compile(optimizer=TENGraD(fisher="empirical"), loss=sce(), jit_compile=True)
+    with pytest.raises(XlaCacheError, match="jit_compile=False"):
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)

@@ -7,7 +7,7 @@ summary says so.
 
 from __future__ import annotations
 
-from tengrad_tf.blocks.base import CacheKind, FisherBlock, GramRoute
+from tengrad_tf.blocks.base import CacheKind, FisherBlock, GramRoute, XlaCacheError
 from tengrad_tf.blocks.conv import ConvBlock
 from tengrad_tf.blocks.dense import DenseBlock
 
@@ -22,4 +22,4 @@ def block_class_for(layer) -> type[FisherBlock] | None:
 
 
 __all__ = ["BLOCK_CLASSES", "CacheKind", "ConvBlock", "DenseBlock", "FisherBlock", "GramRoute",
-           "block_class_for"]
+           "XlaCacheError", "block_class_for"]

@@ -19,10 +19,23 @@ import math
 import keras
 import tensorflow as tf
 
-from tengrad_tf import woodbury
+from tengrad_tf import _tf_private, woodbury
 from tengrad_tf.blocks import per_sample
 
 _BYTES = 4  # float32; float64 models double it, which the budget check below ignores
+
+
+def as_rows(x: tf.Tensor, width: int) -> tf.Tensor:
+    """(m, ..., width) → (m, P, width), keeping P static when the middle axes are: the Dense fast
+    paths (P = 1) and the cost model depend on it, and `[tf.shape(x)[0], -1, width]` would lose it
+    whenever the batch size is dynamic."""
+    middle = x.shape[1:-1]
+    p = -1 if None in middle else int(math.prod(middle))
+    return tf.reshape(x, [-1 if p != -1 else tf.shape(x)[0], p, width])
+
+
+class XlaCacheError(RuntimeError):
+    """Under XLA the curvature cache needs a batch size that is static when the step is traced."""
 
 
 class GramRoute(str, enum.Enum):
@@ -52,6 +65,7 @@ class FisherBlock:
         self.max_retries = max_retries
         self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
         self._cache: dict[str, tf.Variable] | None = None
+        self._capacity: int | None = None
 
     # ---- what a subclass provides ---------------------------------------------------------------
     @classmethod
@@ -72,8 +86,8 @@ class FisherBlock:
         """Â without the bias column: (m, P, D_in)."""
         raise NotImplementedError  # abstract
 
-    def positions(self, inputs_shape) -> int:
-        """P, the number of patch rows per sample (static)."""
+    def positions(self, inputs_shape) -> int | None:
+        """P, the number of patch rows per sample (None if not static)."""
         raise NotImplementedError  # abstract
 
     @property
@@ -109,7 +123,7 @@ class FisherBlock:
     def output_rows(self, output_grad: tf.Tensor) -> tf.Tensor:
         """G: (m, P, D_out) in float32."""
         g = tf.cast(output_grad, self.dtype)
-        return tf.reshape(g, [tf.shape(g)[0], -1, self.d_out])
+        return as_rows(g, self.d_out)
 
     def to_matrix(self, grads: list[tf.Tensor]) -> tf.Tensor:
         """Kernel and bias gradients (or directions) as one (D_in, D_out) matrix, bias last."""
@@ -126,9 +140,11 @@ class FisherBlock:
         return out
 
     # ---- cost model ----------------------------------------------------------------------------
-    def cache_kind(self, p: int) -> CacheKind:
-        """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample."""
-        if p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
+    def cache_kind(self, p: int | None) -> CacheKind:
+        """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample.
+
+        P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors."""
+        if p is None or p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
             return CacheKind.FACTORS
         return CacheKind.PER_SAMPLE
 
@@ -138,7 +154,7 @@ class FisherBlock:
         Flops: F costs m²P²(D_in + D_out); E costs mPD_inD_out + m²D_inD_out. If J must be cached
         anyway, E's first term is paid by both routes and drops out of the comparison.
         """
-        if p == 1:
+        if p is None or p == 1:
             return math.inf
         dd = self.d_in * self.d_out
         f_per_m2 = p * p * (self.d_in + self.d_out)
@@ -150,6 +166,11 @@ class FisherBlock:
     def chunk(self, per_sample_bytes: int) -> int:
         """Samples per chunk so that one chunk's intermediate stays within the memory budget."""
         return max(1, self.memory_budget // max(1, per_sample_bytes))
+
+    def total_positions(self, inputs: list[tf.Tensor]) -> int | None:
+        """P summed over the layer's calls in a step (None if any is dynamic)."""
+        ps = [self.positions(x.shape) for x in inputs]
+        return None if None in ps else sum(ps)
 
     def describe(self, inputs_shape) -> str:
         p = self.positions(inputs_shape)
@@ -163,27 +184,59 @@ class FisherBlock:
             route = f"Gram route F for batch < {threshold:.0f}, else E"
         return (
             f"{self.kind} block of layer '{self.layer.name}' (kernel{'+bias' if self.has_bias else ''},"
-            f" D_in={self.d_in}, D_out={self.d_out}, P={p}; {route}; caches {cache.value})"
+            f" D_in={self.d_in}, D_out={self.d_out}, P={'dynamic' if p is None else p}; {route}; caches {cache.value})"
         )
 
     # ---- curvature ---------------------------------------------------------------------------
-    def _build_cache(self, cache: CacheKind) -> None:
-        def var(name, dtype, rank):
-            # Leading dims are dynamic: the batch size (and so m) is only known when a step runs.
-            return tf.Variable(
-                tf.zeros([0] * rank, dtype), shape=tf.TensorShape([None] * rank),
-                trainable=False, name=f"{self.layer.name}_{name}",
-            )
+    def _build_cache(self, cache: CacheKind, p: int, capacity: int | None) -> None:
+        """Create the cache variables.
+
+        With a static batch size at the first trace (`fit` traces on a concrete first batch) the
+        cache holds `capacity` samples and smaller batches are zero-padded: padded samples are zero
+        rows of U and the solve gives them zero weight, so this is exact. XLA needs it, because a
+        variable's shape cannot change under XLA. Without a static batch size the sample dimension
+        is dynamic instead (any batch size, but no XLA).
+        """
+        self._capacity = capacity
+        dims = {"a": [capacity, p, self.d_in], "g": [capacity, p, self.d_out],
+                "j": [capacity, self.d_in, self.d_out], "cholesky": [capacity, capacity]}
+        names = ["a", "g"] if cache is CacheKind.FACTORS else ["j"]
+
+        def var(name, dtype):
+            shape = dims[name]
+            initial = [0 if d is None else d for d in shape]
+            return tf.Variable(tf.zeros(initial, dtype), shape=tf.TensorShape(shape),
+                               trainable=False, name=f"{self.layer.name}_{name}")
 
         with tf.init_scope():
-            if cache is CacheKind.FACTORS:
-                state = {"a": var("a", self.dtype, 3), "g": var("g", self.dtype, 3)}
-            else:
-                state = {"j": var("j", self.dtype, 3)}
-            state["cholesky"] = var("cholesky", woodbury.SOLVE_DTYPE, 2)
+            state = {n: var(n, self.dtype) for n in names}
+            state["cholesky"] = var("cholesky", woodbury.SOLVE_DTYPE)
             state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
                                            name=f"{self.layer.name}_damping")
         self._cache = state
+
+    def _to_capacity(self, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Zero-pad the sample dimension up to the cache capacity (Cholesky: identity block)."""
+        if self._capacity is None:
+            return state
+        cap = self._capacity
+        m = tf.shape(state["cholesky"])[0]
+        tf.debugging.assert_less_equal(m, cap, message=(
+            f"layer '{self.layer.name}': a batch larger than the first one ({cap} samples) does not "
+            "fit the curvature cache, which has a fixed size when the first batch size is static "
+            "(as XLA requires). Make the first batch the largest, e.g. drop_remainder=False with a "
+            "fixed batch_size."))
+        out = {}
+        for k, t in state.items():
+            if k == "damping":
+                out[k] = t
+            elif k == "cholesky":
+                eye = tf.eye(cap, dtype=t.dtype)[m:, m:]
+                out[k] = tf.pad(t, [[0, cap - m], [0, cap - m]]) + tf.pad(eye, [[m, 0], [m, 0]])
+            else:
+                out[k] = tf.pad(t, [[0, cap - m]] + [[0, 0]] * (t.shape.rank - 1))
+            out[k] = tf.ensure_shape(out[k], self._cache[k].shape)
+        return out
 
     @property
     def cache_variables(self) -> dict[str, tf.Variable]:
@@ -197,7 +250,7 @@ class FisherBlock:
         contributes the patch rows of every call to the same per-sample gradient, so the calls are
         concatenated along the position axis (exact, not an approximation).
         """
-        p = sum(self.positions(x.shape) for x in inputs)
+        p = self.total_positions(inputs)
         cache = self.cache_kind(p)
         g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
         patches = lambda xs: tf.concat([self.patches(x) for x in xs], axis=1)  # noqa: E731
@@ -207,7 +260,8 @@ class FisherBlock:
         def route_f():
             a = patches(inputs)
             # A chunk of rows i holds (rows, m, P, P) pairs of products; m is known at run time only.
-            rows = tf.maximum(1, self.memory_budget // (_BYTES * 2 * p * p * m))
+            p_now = tf.shape(g)[1]
+            rows = tf.maximum(1, self.memory_budget // (_BYTES * 2 * p_now * p_now * m))
             return a, per_sample.gram_factored(a, g, rows)
 
         if cache is CacheKind.FACTORS:
@@ -233,13 +287,22 @@ class FisherBlock:
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `update_freq`), the cached one otherwise."""
         if self._cache is None:
-            self._build_cache(self.cache_kind(sum(self.positions(x.shape) for x in inputs)))
+            p = self.total_positions(inputs)
+            capacity = output_grads[0].shape[0]
+            if capacity is None and _tf_private.in_xla_context():
+                raise XlaCacheError(
+                    f"layer '{self.layer.name}': the curvature cache is sized by the batch, which "
+                    "is not static in this trace, and XLA cannot resize a variable. Compile with "
+                    "model.compile(jit_compile=False) (Keras turns XLA on by default on GPUs), or "
+                    "trace the train step with a fixed batch size.")
+            self._build_cache(self.cache_kind(p), p, capacity)
         cached = {k: v.read_value() for k, v in self._cache.items()}
-        return tf.cond(
-            self.is_update(step),
-            lambda: self.compute_curvature(inputs, output_grads),
-            lambda: (cached, tf.constant(0)),
-        )
+
+        def fresh():
+            state, retries = self.compute_curvature(inputs, output_grads)
+            return self._to_capacity(state), retries
+
+        return tf.cond(self.is_update(step), fresh, lambda: (cached, tf.constant(0)))
 
     def commit(self, step, curvature: dict[str, tf.Tensor]) -> None:
         """Keep fresh `curvature` for the steps until the next update (only for finite steps)."""

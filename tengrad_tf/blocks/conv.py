@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf.blocks.base import FisherBlock
+from tengrad_tf.blocks.base import FisherBlock, as_rows
 
 
 class ConvBlock(FisherBlock):
@@ -61,7 +61,8 @@ class ConvBlock(FisherBlock):
             x, sizes=[1, *size, 1], strides=[1, *strides, 1], rates=[1, *rates, 1],
             padding=padding.upper(),
         )
-        return tf.reshape(patches, [tf.shape(x)[0], -1, self.kernel_rows])
+        # extract_patches puts (k_h, k_w, c_in) last, in the kernel's order: rows are the positions.
+        return as_rows(patches, self.kernel_rows)
 
     def positions(self, inputs_shape) -> int:
         layer = self.layer

@@ -13,7 +13,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf.blocks.base import FisherBlock
+from tengrad_tf.blocks.base import FisherBlock, as_rows
 
 
 class DenseBlock(FisherBlock):
@@ -28,7 +28,8 @@ class DenseBlock(FisherBlock):
         return z
 
     def input_rows(self, inputs):
-        return tf.reshape(inputs, [tf.shape(inputs)[0], -1, self.kernel_rows])
+        return as_rows(inputs, self.kernel_rows)
 
-    def positions(self, inputs_shape) -> int:
-        return math.prod(inputs_shape[1:-1])
+    def positions(self, inputs_shape) -> int | None:
+        extra = list(inputs_shape[1:-1])
+        return None if None in extra else math.prod(extra)

@@ -1,0 +1,310 @@
+"""K-FAC, the baseline: the same Keras optimizer as TENGraD with Kronecker-factored curvature blocks.
+
+Everything but the curvature is shared with TENGraD (preconditioned.py: binding through capture, KL
+clipping, momentum, weight decay, the skip of non-finite steps). What the layer looks like (the patch
+rows Â, the output-gradient rows G, the gradient as one D_in × D_out matrix, bias last) is asked of
+the layer's TENGraD block (blocks/), so Dense, Conv1D and Conv2D are covered exactly as there.
+
+Factors (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016). For one step of a layer
+with m samples, P patch rows per sample (P = 1 for a Dense layer on (batch, features); output positions
+for a convolution; all calls of a shared layer together), patch rows âᵢₜ ∈ R^D_in (bias column of
+ones included) and per-sample output gradients gᵢₜ = ∂ℓᵢ/∂zᵢₜ ∈ R^D_out (the core hands them to the
+block already per sample, for the empirical and the true Fisher alike):
+
+    A = 1/(m·P) Σᵢ Σₜ âᵢₜ âᵢₜᵀ          (D_in × D_in: the mean over samples and positions)
+    G = 1/m     Σᵢ Σₜ gᵢₜ gᵢₜᵀ          (D_out × D_out: the mean over samples of the sum over positions)
+
+For a Dense layer (P = 1), A ⊗ G = [(1/m) ÂᵀÂ] ⊗ [(1/m) Σᵢ gᵢgᵢᵀ] is the K-FAC approximation of the
+exact Fisher block F = (1/m) Σᵢ vec(âᵢgᵢᵀ) vec(âᵢgᵢᵀ)ᵀ that TENGraD inverts: the expectation of a
+Kronecker product replaced by the Kronecker product of the expectations. For a convolution, A ⊗ G =
+(1/P)·[(1/m)ΣΣ âₜâₜᵀ] ⊗ [(1/m)ΣΣ gₜgₜᵀ] is KFC's Ω ⊗ Γ (independent activations and derivatives,
+spatial homogeneity, spatially uncorrelated derivatives). The product A ⊗ G is the one of
+KFAC-Pytorch (Wang; ComputeCovA / ComputeCovG with batch_averaged=True), which splits the 1/P
+differently between the factors (its A is ours / P, its G is ours · P): with the π-corrected
+damping below, any split A → cA, G → G/c gives exactly the same step. gpauloski/kfac-pytorch's
+helpers (Conv2dModuleHelper.get_a_factor / get_g_factor) divide patch and output-gradient rows by P
+before a mean over m·P rows and use output gradients of the batch-mean loss; that scales A ⊗ G by
+1/(m²P⁵) (1/m² for Linear), i.e. the same approximation under a different damping scale.
+
+Damping: factored Tikhonov with the π correction (Martens & Grosse 2015, section 6.3):
+
+    π = sqrt( (tr A / D_in) / (tr G / D_out) ),   d = (A + π√λ I)⁻¹ V (G + (√λ/π) I)⁻¹
+
+with V the kernel and bias gradient as one (D_in, D_out) matrix, so that (A + π√λ I) ⊗ (G + √λ/π I)
+= A ⊗ G + λ I + (cross terms). π = 1 when either trace is zero (e.g. a layer whose output gradients
+all vanish).
+
+Schedule and state: the running averages are updated on steps where step % cov_update_freq == 0,
+factor ← stat_decay·factor + (1 − stat_decay)·new, where the first update of a block takes the new
+value directly (no identity prior, no zero-initialization bias). The damped inverses are recomputed
+from the current averages on steps where step % inv_update_freq == 0. A block's first step (step 0,
+or the first step it takes part in, e.g. after restoring a checkpoint) always does both. The
+inverses come from an eigendecomposition (eigenvalues clipped at 0 before adding the damping: a
+positive-definite, finite result for any finite factor), in float64 for float64 layers and float32
+otherwise. Steps whose factors are not finite are skipped by the core and leave the block untouched.
+
+Cost per block: O((m·P)(D_in² + D_out²)) per factor update, O(D_in³ + D_out³) per inverse update,
+O(D_in·D_out·(D_in + D_out)) per step for the preconditioning.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from tengrad_tf.blocks import block_class_for
+from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
+
+__all__ = ["BindingError", "KFAC", "KroneckerBlock"]
+
+
+class KroneckerBlock:
+    """K-FAC curvature block of one Dense/Conv layer (kernel and bias together).
+
+    Implements the block interface of preconditioned.py. The layer knowledge (patch rows, output
+    rows, gradient layout) is that of the layer's TENGraD block, held as `layer_helper`.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, damping: float = 0.1, stat_decay: float = 0.95,
+                 cov_update_freq: int = 20, inv_update_freq: int = 100):
+        helper_class = block_class_for(layer)
+        if helper_class is None:
+            raise BindingError(f"K-FAC has no block for layer '{layer.name}' "
+                               f"({type(layer).__name__}).")
+        self.layer_helper = helper_class(layer)
+        self.layer = layer
+        self.damping = float(damping)
+        self.stat_decay = float(stat_decay)
+        self.cov_update_freq = int(cov_update_freq)
+        self.inv_update_freq = int(inv_update_freq)
+        self.variables = self.layer_helper.variables
+        self._state: dict[str, tf.Variable] | None = None
+        self._updates: tf.Variable | None = None
+
+    # ---- layer facts, from the TENGraD block ------------------------------------------------------
+    @property
+    def dtype(self) -> tf.DType:
+        return self.layer_helper.dtype
+
+    @property
+    def d_in(self) -> int:
+        return self.layer_helper.d_in
+
+    @property
+    def d_out(self) -> int:
+        return self.layer_helper.d_out
+
+    def describe(self, inputs_shape) -> str:
+        h = self.layer_helper
+        p = h.positions(inputs_shape)  # None: a Dense layer on sequences of dynamic length
+        return (
+            f"K-FAC {h.kind} block of layer '{self.layer.name}' "
+            f"(kernel{'+bias' if h.has_bias else ''}, A: {self.d_in}×{self.d_in}, "
+            f"G: {self.d_out}×{self.d_out}, P={'dynamic' if p is None else p}; factors every "
+            f"{self.cov_update_freq} steps, inverses every {self.inv_update_freq})"
+        )
+
+    # ---- state -------------------------------------------------------------------------------
+    def _build_state(self) -> None:
+        def var(name, n):
+            return tf.Variable(tf.zeros([n, n], self.dtype), trainable=False,
+                               name=f"{self.layer.name}_kfac_{name}")
+
+        with tf.init_scope():
+            self._state = {"A": var("A", self.d_in), "G": var("G", self.d_out),
+                           "A_inv": var("A_inv", self.d_in), "G_inv": var("G_inv", self.d_out)}
+            # Committed factor updates so far (0: the factors and inverses hold nothing yet).
+            self._updates = tf.Variable(tf.constant(0, tf.int64), trainable=False,
+                                        name=f"{self.layer.name}_kfac_updates")
+
+    @property
+    def state_variables(self) -> dict[str, tf.Variable]:
+        """{"A", "G", "A_inv", "G_inv", "updates"}: empty before the block's first step."""
+        if self._state is None:
+            return {}
+        return {**self._state, "updates": self._updates}
+
+    def _schedule(self, step) -> tuple[tf.Tensor, tf.Tensor]:
+        """(update the factors?, update the inverses?) at `step`."""
+        first = tf.equal(self._updates, 0)
+        step = tf.cast(step, tf.int64)
+        cov = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.cov_update_freq), 0))
+        inv = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.inv_update_freq), 0))
+        return cov, inv
+
+    # ---- curvature ---------------------------------------------------------------------------
+    def factors(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+        """This step's (A, G), see the module docstring; one entry per call of the layer."""
+        h = self.layer_helper
+        a = tf.concat([h.patches(x) for x in inputs], axis=1)  # (m, P, D_in)
+        g = tf.concat([h.output_rows(dz) for dz in output_grads], axis=1)  # (m, P, D_out)
+        m = tf.cast(tf.shape(g)[0], self.dtype)
+        p = tf.cast(tf.shape(g)[1], self.dtype)
+        a = tf.reshape(a, [-1, self.d_in])
+        g = tf.reshape(g, [-1, self.d_out])
+        big_a = tf.matmul(a, a, transpose_a=True) / (m * p)
+        big_g = tf.matmul(g, g, transpose_a=True) / m
+        return big_a, big_g
+
+    def damped_inverses(self, a: tf.Tensor, g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹), NaN if a factor is not finite (the step is then skipped)."""
+        dtype = self.dtype
+        tr_a = tf.linalg.trace(a) / self.d_in
+        tr_g = tf.linalg.trace(g) / self.d_out
+        ok = tf.logical_and(tr_a > 0, tr_g > 0)
+        one = tf.ones([], dtype)
+        pi = tf.where(ok, tf.sqrt(tf.where(ok, tr_a, one) / tf.where(ok, tr_g, one)), one)
+        root = tf.constant(self.damping ** 0.5, dtype)
+
+        def inverse(f, damping):
+            f = 0.5 * (f + tf.transpose(f))
+            e, q = tf.linalg.eigh(f)
+            e = tf.maximum(e, 0) + damping
+            return tf.matmul(q / e[None, :], q, transpose_b=True)
+
+        finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(a)),
+                                tf.reduce_all(tf.math.is_finite(g)))
+        # The eigensolver raises on NaN input; a non-finite factor makes the whole step a skip.
+        return tf.cond(
+            finite,
+            lambda: (inverse(a, pi * root), inverse(g, root / pi)),
+            lambda: (tf.fill(tf.shape(a), tf.constant(float("nan"), dtype)),
+                     tf.fill(tf.shape(g), tf.constant(float("nan"), dtype))),
+        )
+
+    def curvature(self, step, inputs, output_grads):
+        """Averaged factors and their damped inverses for this step, fresh or cached by the schedule.
+
+        Assigns nothing: `commit` keeps the result if the step is taken.
+        """
+        if self._state is None:
+            self._build_state()
+        cached = {k: v.read_value() for k, v in self._state.items()}
+        update_cov, update_inv = self._schedule(step)
+        first = tf.equal(self._updates, 0)
+
+        def averaged():
+            new_a, new_g = self.factors(inputs, output_grads)
+            decay = tf.where(first, tf.zeros([], self.dtype),
+                             tf.constant(self.stat_decay, self.dtype))
+            return (decay * cached["A"] + (1 - decay) * new_a,
+                    decay * cached["G"] + (1 - decay) * new_g)
+
+        a, g = tf.cond(update_cov, averaged, lambda: (cached["A"], cached["G"]))
+        a_inv, g_inv = tf.cond(update_inv, lambda: self.damped_inverses(a, g),
+                               lambda: (cached["A_inv"], cached["G_inv"]))
+        return {"A": a, "G": g, "A_inv": a_inv, "G_inv": g_inv}, tf.constant(0, tf.int32)
+
+    def commit(self, step, state: dict[str, tf.Tensor]) -> None:
+        """Keep this step's averages and inverses (called only when the whole step is finite)."""
+        update_cov, update_inv = self._schedule(step)
+
+        def store(names, count):
+            def fn():
+                for k in names:
+                    self._state[k].assign(state[k])
+                if count:
+                    self._updates.assign_add(1)
+                return tf.constant(True)
+            return fn
+
+        tf.cond(update_inv, store(("A_inv", "G_inv"), False), lambda: tf.constant(False))
+        tf.cond(update_cov, store(("A", "G"), True), lambda: tf.constant(False))
+
+    def precondition(self, grads: list[tf.Tensor], state: dict[str, tf.Tensor]) -> list[tf.Tensor]:
+        """(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹ for this block's kernel and bias gradients."""
+        v = self.layer_helper.to_matrix(grads)
+        d = tf.matmul(tf.matmul(state["A_inv"], v), state["G_inv"])
+        return self.layer_helper.from_matrix(d)
+
+
+@keras.saving.register_keras_serializable(package="tengrad_tf")
+class KFAC(PreconditionedOptimizer):
+    """K-FAC (KFC for convolutions): Kronecker-factored natural gradient, the TENGraD baseline.
+
+    Each Dense and Conv1D/Conv2D layer's kernel and bias form one block whose Fisher is approximated
+    by A ⊗ G (running averages of the input and output-gradient second moments) and inverted with
+    π-corrected factored Tikhonov damping; see the module docstring for the exact conventions. The
+    step rule (KL clipping, momentum, weight decay) and the binding are TENGraD's.
+
+    Usage: `model.compile(optimizer=KFAC(), loss=..., ...)` then `model.fit(...)`; nothing else.
+
+    Args:
+        learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`, or callable.
+        damping: λ > 0; each factor gets √λ of it (times π or 1/π).
+        momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
+        weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
+        fisher: "true" samples labels from the model's predictive distribution; "empirical" uses the
+            training labels.
+        kl_clip: κ > 0 for KL clipping of the step, or None to disable.
+        stat_decay: ε in [0, 1), factor ← ε·factor + (1 − ε)·new (the first update takes new).
+        cov_update_freq: update the running factors every this many steps (TCov).
+        inv_update_freq: recompute the damped inverses every this many steps (TInv).
+        max_consecutive_skips: raise after this many non-finite steps in a row.
+        seed: seed of the label sampling of the true Fisher.
+        clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+        loss_scale_factor, name: as in every Keras optimizer. `gradient_accumulation_steps` is
+            rejected, as for TENGraD.
+
+    References: Martens & Grosse, "Optimizing Neural Networks with Kronecker-factored Approximate
+    Curvature", ICML 2015; Grosse & Martens, "A Kronecker-factored approximate Fisher matrix for
+    convolution layers", ICML 2016.
+    """
+
+    def __init__(
+        self,
+        learning_rate=0.003,
+        damping=0.1,
+        momentum=0.9,
+        weight_decay=None,
+        fisher="true",
+        kl_clip=1e-3,
+        stat_decay=0.95,
+        cov_update_freq=20,
+        inv_update_freq=100,
+        max_consecutive_skips=50,
+        seed=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name="KFAC",
+        **kwargs,
+    ):
+        check("damping", damping, is_number(damping) and damping > 0, "expected a float > 0")
+        check("stat_decay", stat_decay, is_number(stat_decay) and 0 <= stat_decay < 1,
+              "expected a float in [0, 1)")
+        check("cov_update_freq", cov_update_freq, is_int(cov_update_freq, 1), "expected an int >= 1")
+        check("inv_update_freq", inv_update_freq, is_int(inv_update_freq, 1), "expected an int >= 1")
+        super().__init__(
+            learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
+            fisher=fisher, kl_clip=kl_clip, max_consecutive_skips=max_consecutive_skips, seed=seed,
+            clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
+            use_ema=use_ema, ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,
+            gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
+        )
+        self.damping = float(damping)
+        self.stat_decay = float(stat_decay)
+        self.cov_update_freq = int(cov_update_freq)
+        self.inv_update_freq = int(inv_update_freq)
+
+    def _make_block(self, layer):
+        return KroneckerBlock(layer, damping=self.damping, stat_decay=self.stat_decay,
+                              cov_update_freq=self.cov_update_freq,
+                              inv_update_freq=self.inv_update_freq)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({
+            "damping": self.damping,
+            "stat_decay": self.stat_decay,
+            "cov_update_freq": self.cov_update_freq,
+            "inv_update_freq": self.inv_update_freq,
+        })
+        return config
