@@ -22,7 +22,8 @@ import tengrad_tf
 from tengrad_tf import data
 
 TRAIN_PY = Path(__file__).resolve().parents[1] / "examples" / "train.py"
-DEBIAN_DIR = Path(os.environ.get(data.ENV_FASHION_MNIST_DEBIAN_DIR) or data.DEBIAN_FASHION_MNIST_DIR)
+DEBIAN_DIR = Path(os.environ.get(data.ENV_FASHION_MNIST_DEBIAN_DIR)
+                  or data.DEBIAN_FASHION_MNIST_DIR)
 HAVE_FASHION_MNIST = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file()
 
 
@@ -105,7 +106,9 @@ def test_runs_share_initialisation_and_exclude_evaluation(tiny_run):
         assert run["train_seconds"] + run["eval_seconds"] <= run["wall_seconds"] + 1e-6
         assert run["eval_seconds"] > 0
     assert runs["tengrad"]["skipped_steps"] == 0
-    assert set(runs["tengrad"]["treatments"].values()) != set()
+    treatments = runs["tengrad"]["treatments"]  # 3C1F: every variable is preconditioned
+    assert len(treatments) == 10
+    assert not any(t.startswith("first-order") for t in treatments.values())
 
 
 def test_prints_where_results_went(tiny_run, capsys):
@@ -140,6 +143,40 @@ def test_evaluate_inside_fit_keeps_the_epoch_metrics():
     assert any(not np.array_equal(a, b) for a, b in zip(before, changed))
 
 
+def _fit_tiny(callbacks: list) -> keras.Model:
+    keras.utils.set_random_seed(0)
+    x = np.random.randn(64, 4).astype("float32")
+    y = np.random.randint(0, 3, 64)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False, callbacks=callbacks)
+    return model
+
+
+def test_training_log_rows_when_eval_and_epoch_end_coincide(tmp_path):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    test_ds = tf.data.Dataset.from_tensor_slices(
+        (rng.normal(size=(16, 4)).astype("float32"), rng.integers(0, 3, 16))).batch(8)
+    log = train.TrainingLog(test_ds, steps_per_epoch=4, eval_every=2,
+                            csv_path=tmp_path / "log.csv")
+    logged = _fit_tiny([log])
+    # Steps 4 and 8 are both eval steps and epoch ends: one row each, from the epoch end.
+    rows = _read_csv(tmp_path / "log.csv")
+    assert [(int(r["step"]), r["event"]) for r in rows] == [
+        (0, "init"), (2, "step"), (4, "epoch"), (6, "step"), (8, "epoch")]
+    assert [r["step"] for r in log.rows] == [0, 2, 4, 6, 8]
+    # Evaluating mid-epoch changes neither the training nor Keras's epoch means.
+    plain = _fit_tiny([])
+    assert logged.history.history["loss"] == pytest.approx(plain.history.history["loss"])
+    assert logged.history.history["accuracy"] == pytest.approx(plain.history.history["accuracy"])
+    epoch_rows = [r for r in log.rows if r["event"] == "epoch"]
+    assert [r["train_loss"] for r in epoch_rows] == pytest.approx(plain.history.history["loss"])
+
+
 def test_preset_then_cli_overrides():
     cfg = _config("--optimizer", "sgd", "tengrad", "adam")
     assert cfg["hparams"]["sgd"] == {"learning_rate": 0.03, "momentum": 0.9, "weight_decay": 1e-3}
@@ -151,7 +188,8 @@ def test_preset_then_cli_overrides():
 
     cfg = _config("--optimizer", "sgd", "tengrad", "--lr", "0.5", "--kl-clip", "none",
                   "--freq", "7")
-    assert cfg["hparams"]["sgd"]["learning_rate"] == cfg["hparams"]["tengrad"]["learning_rate"] == 0.5
+    assert cfg["hparams"]["sgd"]["learning_rate"] == 0.5
+    assert cfg["hparams"]["tengrad"]["learning_rate"] == 0.5
     assert cfg["hparams"]["tengrad"]["kl_clip"] is None
     assert cfg["hparams"]["tengrad"]["curvature_update_freq"] == 7
     assert "kl_clip" not in cfg["hparams"]["sgd"]

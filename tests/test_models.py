@@ -216,3 +216,25 @@ def test_mobilenet_v2_variants():
     # He-normal over the depthwise fan-in of 9, not 9 * channels.
     depthwise = standard.get_layer("block17_depthwise").kernel
     assert 0.3 < float(np.std(keras.ops.convert_to_numpy(depthwise))) < 0.6
+
+
+def test_tiny_tengrad_step(tiny):
+    """One TENGraD step through fit on every paper model: it binds, preconditions every Conv2D and
+    Dense layer, leaves BatchNorm/Depthwise first-order with a reason, and changes the weights."""
+    from tengrad_tf import TENGraD
+
+    x, y = random_batch(tiny)
+    # No KL clip: a clipped step can fall below float32 resolution for weights like BN's gamma = 1.
+    opt = TENGraD(fisher="empirical", curvature_update_freq=1, kl_clip=None)
+    tiny.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = [v.numpy().copy() for v in tiny.trainable_variables]
+    tiny.fit(x, y, batch_size=len(x), epochs=1, verbose=0)
+    assert int(opt.skipped_steps.numpy()) == 0
+    treatments = opt.treatments()
+    for layer in tiny.layers:
+        if isinstance(layer, (keras.layers.Dense, keras.layers.Conv2D)):
+            assert "block" in treatments[layer.kernel.path], (layer.name, treatments[layer.kernel.path])
+        elif isinstance(layer, (keras.layers.BatchNormalization, keras.layers.DepthwiseConv2D)):
+            assert all(treatments[v.path].startswith("first-order") for v in layer.trainable_weights)
+    changed = [not np.array_equal(b, v.numpy()) for b, v in zip(before, tiny.trainable_variables)]
+    assert all(changed)

@@ -37,7 +37,10 @@ def map_sample_chunks(
     if chunk is None or (isinstance(chunk, int) and static_m is not None and chunk >= static_m):
         return fn(*tensors)
     m = tf.shape(tensors[0])[0]
+    # Balance the chunks so that padding stays below n_chunks samples (a batch of 128 with a chunk
+    # of 290 must not be padded to 290: that would double the work and the memory).
     n_chunks = (m + chunk - 1) // chunk
+    chunk = (m + n_chunks - 1) // n_chunks
     padded = []
     for t in tensors:
         pad = [[0, n_chunks * chunk - m]] + [[0, 0]] * (t.shape.rank - 1)

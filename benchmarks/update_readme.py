@@ -1,0 +1,67 @@
+"""Regenerate the README's benchmark tables from the committed JSON results (never by hand).
+
+    python benchmarks/update_readme.py
+
+Each table sits between `<!-- name -->` and `<!-- /name -->` in README.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def step_time_table(report) -> str:
+    from benchmarks.step_time import markdown_table
+    return markdown_table(report)
+
+
+def defaults_table(report) -> str:
+    lines = [f"{report['seconds_per_run']:.0f} training seconds per run, fisher={report['fisher']}, "
+             f"{report['machine']['cpus']} CPUs, commit {report['commit']}, {report['date']}", "",
+             "| model | optimizer | configuration | steps | test accuracy | test loss |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "Keras defaults"
+        lines.append(f"| {r['model']} | {r['optimizer']} | {config} | {r['steps']} | "
+                     f"{r['test_accuracy']:.4f} | {r['test_loss']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+TABLES = {"step_time": step_time_table, "defaults": defaults_table}
+
+
+def extra_tables() -> dict:
+    """Tables that other benchmark modules add (e.g. time to accuracy), if present."""
+    try:
+        from benchmarks.time_to_accuracy import markdown_table as tta
+        return {"time_to_accuracy": tta}
+    except ImportError:
+        return {}
+
+
+def main():
+    readme_path = os.path.join(ROOT, "README.md")
+    readme = open(readme_path).read()
+    for name, render in {**TABLES, **extra_tables()}.items():
+        path = os.path.join(RESULTS, f"{name}.json")
+        if not os.path.exists(path) or f"<!-- {name} -->" not in readme:
+            continue
+        with open(path) as f:
+            table = render(json.load(f))
+        readme = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->",
+                        lambda _: f"<!-- {name} -->\n{table}<!-- /{name} -->", readme, flags=re.S)
+        print(f"updated table {name} from {path}")
+    with open(readme_path, "w") as f:
+        f.write(readme)
+
+
+if __name__ == "__main__":
+    main()
