@@ -91,6 +91,7 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
 
     train = data.load("fashion_mnist", "train", 128, data_dir=args.data_dir, seed=0).repeat()
     test = data.load("fashion_mnist", "test", 1000, data_dir=args.data_dir)
@@ -127,7 +128,7 @@ def main(argv=None):
         sweep([{**b, "kl_clip": k} for k in (None, 1e-3, 1e-1) if k != b["kl_clip"]])
 
     report = {"benchmark": "defaults", "date": datetime.datetime.now(datetime.timezone.utc)
-              .isoformat(timespec="seconds"), "commit": git_commit(), "machine": machine(),
+              .isoformat(timespec="seconds"), "commit": commit, "machine": machine(),
               "command": " ".join(["defaults.py"] + (argv if argv is not None else sys.argv[1:])),
               "seconds_per_run": args.seconds, "fisher": args.fisher, "results": rows}
     os.makedirs(args.out, exist_ok=True)

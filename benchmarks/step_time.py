@@ -132,6 +132,7 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
+    commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
 
     results = []
     for model_name in args.models:
@@ -169,7 +170,7 @@ def main(argv=None):
     report = {
         "benchmark": "step_time",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
