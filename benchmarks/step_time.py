@@ -1,4 +1,4 @@
-"""Seconds per training step of TENGraD against SGD(momentum=0.9), measured in the same run.
+"""Seconds per training step of TENGraD, K-FAC and Adam against SGD(momentum=0.9), in one run.
 
 Models (batch 128, synthetic inputs of the right shape: the data does not change a step's cost):
   mlp   784-512-256-10
@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tengrad_tf import TENGraD  # noqa: E402
+from tengrad_tf import KFAC, TENGraD  # noqa: E402
 
 BATCH = 128
 
@@ -56,9 +56,13 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
 
 
 def optimizer(name: str):
+    """"sgd", "adam", "tengrad-<fisher>-f<freq>", or "kfac-<fisher>" (its default 20/100 schedule)."""
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-    # e.g. "tengrad-true-f100"
+    if name == "adam":
+        return keras.optimizers.Adam()
+    if name.startswith("kfac"):
+        return KFAC(learning_rate=0.003, damping=0.1, fisher=name.split("-")[1])
     _, fisher, freq = name.split("-")
     return TENGraD(learning_rate=0.003, damping=0.1, fisher=fisher,
                    curvature_update_freq=int(freq[1:]))
@@ -123,8 +127,8 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["mlp", "3c1f"], choices=["mlp", "3c1f"])
     parser.add_argument("--optimizers", nargs="+",
-                        default=["sgd", "tengrad-empirical-f1", "tengrad-empirical-f100",
-                                 "tengrad-true-f1", "tengrad-true-f100"])
+                        default=["sgd", "adam", "kfac-true", "tengrad-empirical-f1",
+                                 "tengrad-empirical-f100", "tengrad-true-f1", "tengrad-true-f100"])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing) per config")

@@ -368,3 +368,21 @@ def test_xla_in_fit_fails_with_a_clear_message():
     model.compile(optimizer=TENGraD(fisher="empirical"), loss=sce(), jit_compile=True)
     with pytest.raises(XlaCacheError, match="jit_compile=False"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+
+
+def test_first_step_mid_reuse_window_computes_curvature(float64):
+    """A restored optimizer (iterations not a multiple of the frequency) has no cached curvature:
+    its first step must compute it, not precondition with an empty cache."""
+    m, lr, damping = 8, 0.125, 0.05
+    model = mlp()
+    x, y = data(m)
+    expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    before = weights(model)
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical", curvature_update_freq=4)
+    opt.build(model.trainable_variables)
+    opt.iterations.assign(6)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)

@@ -213,6 +213,9 @@ class FisherBlock:
             state["cholesky"] = var("cholesky", woodbury.SOLVE_DTYPE)
             state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
                                            name=f"{self.layer.name}_damping")
+            # False until curvature is first stored: a fresh or restored optimizer that starts in
+            # the middle of a reuse window must not precondition with an empty cache.
+            self._filled = tf.Variable(False, trainable=False, name=f"{self.layer.name}_filled")
         self._cache = state
 
     def _to_capacity(self, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -282,7 +285,9 @@ class FisherBlock:
         return state, damped.retries
 
     def is_update(self, step) -> tf.Tensor:
-        return tf.equal(tf.math.floormod(step, self.update_freq), 0)
+        """Every `update_freq` steps, and whenever nothing is cached yet."""
+        return tf.logical_or(tf.equal(tf.math.floormod(step, self.update_freq), 0),
+                             tf.logical_not(self._filled))
 
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `update_freq`), the cached one otherwise."""
@@ -309,6 +314,7 @@ class FisherBlock:
         def store():
             for k, v in curvature.items():
                 self._cache[k].assign(v)
+            self._filled.assign(True)
             return tf.constant(True)
 
         tf.cond(self.is_update(step), store, lambda: tf.constant(False))
