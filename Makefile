@@ -2,7 +2,7 @@
 # `make test` (install, then run the tests). Both work on a fresh Debian machine as root.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-MAIN_ARGS ?= --dataset fashion_mnist --model 3c1f --optimizer tengrad --epochs 1 --width 32 --steps-per-epoch 150
+MAIN_ARGS ?= --dataset fashion_mnist --model 3c1f --optimizer tengrad --epochs 1 --width 32 --steps-per-epoch 150 --eval-every 30
 
 .PHONY: install system-deps main test bench
 

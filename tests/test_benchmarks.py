@@ -1,0 +1,174 @@
+"""Tests for benchmarks/time_to_accuracy.py: the --quick mode end to end on real Fashion-MNIST,
+plus its summary arithmetic and table on hand-made runs (no data needed).
+
+The end-to-end test reads Fashion-MNIST from the default TFDS data dir when it is already prepared
+there, else prepares it offline from Debian's files into a temporary data dir; it is skipped when
+neither is available.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from benchmarks import time_to_accuracy as tta
+from tengrad_tf import data
+
+DEBIAN_DIR = Path(os.environ.get(data.ENV_FASHION_MNIST_DEBIAN_DIR)
+                  or data.DEBIAN_FASHION_MNIST_DIR)
+HAVE_DEBIAN_FILES = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file()
+
+
+def _prepared_default_dir() -> Path | None:
+    d = data.default_data_dir()
+    return d if any((d / "fashion_mnist").glob("*/dataset_info.json")) else None
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    data_dir = _prepared_default_dir()
+    if data_dir is None:
+        if not HAVE_DEBIAN_FILES:
+            pytest.skip(f"Fashion-MNIST is not prepared in {data.default_data_dir()} and the "
+                        f"Debian files are not in {DEBIAN_DIR}: "
+                        "`apt-get install -y dataset-fashion-mnist`")
+        data_dir = tmp_path_factory.mktemp("tfds")
+    out = tmp_path_factory.mktemp("tta") / "out"
+    report = tta.main(["--quick", "--data-dir", str(data_dir), "--out", str(out)])
+    return out, report
+
+
+def test_quick_writes_json_png_and_markdown(quick_run):
+    out, report = quick_run
+    on_disk = json.loads((out / "time_to_accuracy.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in ("date", "machine", "commit", "command", "config", "runs", "summary", "ratios"):
+        assert key in on_disk
+    assert on_disk["complete"] is True
+    assert "--quick" in on_disk["command"]
+    cfg = on_disk["config"]
+    assert cfg["name"] == "quick" and cfg["width"] == 8 and cfg["train_examples"] == 60000
+    assert cfg["hparams"]["tengrad"]["learning_rate"] == 0.003  # the paper preset, via train.py
+    assert cfg["hparams"]["sgd"] == {"learning_rate": 0.03, "momentum": 0.9, "weight_decay": 1e-3}
+    png = (out / "time_to_accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    md = (out / "time_to_accuracy.md").read_text()
+    assert md == tta.markdown_table(on_disk)
+    for label in ("SGD", "Adam", "K-FAC", "TENGraD"):
+        assert f"| {label} |" in md
+    assert "s to 88%" in md
+
+
+def test_quick_runs_curves_and_clock(quick_run):
+    _, report = quick_run
+    runs = report["runs"]
+    assert [r["optimizer"] for r in runs] == ["sgd", "adam", "kfac", "tengrad"]
+    init_losses = {r["rows"][0]["test_loss"] for r in runs}
+    assert len(init_losses) == 1  # same seed: same initial weights for every optimizer
+    for run in runs:
+        rows = run["rows"]
+        assert run["steps"] == 120  # the step budget
+        # Every 20 steps up to step 60, then every 40; step 0 before training; no duplicates.
+        assert [r["step"] for r in rows] == [0, 20, 40, 60, 80, 120]
+        seconds = [r["train_seconds"] for r in rows]
+        assert seconds == sorted(seconds)
+        assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+        assert run["train_seconds"] + run["eval_seconds"] <= run["wall_seconds"] + 1e-6
+        assert run["final_accuracy"] == rows[-1]["test_accuracy"] > 0.5  # it learned something
+        for key, hit in run["time_to_target"].items():
+            first = next((r for r in rows if r["test_accuracy"] >= float(key)), None)
+            assert (hit is None) == (first is None)
+            if hit is not None:
+                assert hit["seconds"] == first["train_seconds"]
+    for name in ("kfac", "tengrad"):
+        run = next(r for r in runs if r["optimizer"] == name)
+        assert run["skipped_steps"] == 0
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _rows(points):
+    return [{"step": s, "epoch": s / 100, "train_seconds": t, "test_accuracy": a,
+             "test_loss": 1.0, "train_loss": None} for s, t, a in points]
+
+
+def test_time_to_target_takes_the_first_evaluation_at_or_above():
+    rows = _rows([(0, 0.0, 0.1), (10, 2.0, 0.86), (20, 4.0, 0.85), (30, 6.0, 0.885)])
+    assert tta.time_to_target(rows, 0.85, first_step_seconds=1.5) == {
+        "seconds": 2.0, "epochs": 0.1, "step": 10, "seconds_excluding_first_step": 0.5}
+    assert tta.time_to_target(rows, 0.88)["step"] == 30
+    assert tta.time_to_target(rows, 0.90) is None
+
+
+def test_spread_counts_misses_as_infinity():
+    assert tta.spread([3.0, 1.0, 2.0]) == {"median": 2.0, "min": 1.0, "max": 3.0,
+                                           "reached": 3, "runs": 3}
+    assert tta.spread([3.0, None, 1.0]) == {"median": 3.0, "min": 1.0, "max": None,
+                                            "reached": 2, "runs": 3}
+    assert tta.spread([None, None, 1.0])["median"] is None
+    assert tta.spread([None])["min"] is None
+
+
+def _fake_report(times88: dict[str, list[float | None]]) -> dict:
+    cfg = {"name": "cpu", "width": 16, "hidden": 128, "batch_size": 128, "epochs": 10,
+           "max_seconds": 150.0, "max_steps": None, "eval_every": 25, "eval_switch_step": 1000,
+           "eval_every_later": 100, "test_split": "test", "seeds": 3,
+           "targets": [0.85, 0.88, 0.9], "optimizers": list(times88)}
+    runs = []
+    for name, times in times88.items():
+        for seed, t in enumerate(times):
+            points = [(0, 0.0, 0.1), (100, 1.0, 0.86)]
+            if t is not None:
+                points.append((200, t, 0.885))
+            points.append((300, 200.0, 0.87 if t is None else 0.895))
+            rows = _rows(points)
+            runs.append({
+                "optimizer": name, "seed": seed, "rows": rows, "steps": 300, "epochs": 3.0,
+                "train_seconds": 200.0, "first_step_seconds": 0.5, "eval_seconds": 1.0,
+                "final_accuracy": rows[-1]["test_accuracy"], "best_accuracy": 0.895,
+                "time_to_target": {tta._key(x): tta.time_to_target(rows, x, 0.5)
+                                   for x in cfg["targets"]}})
+    summary = tta.summarize(runs, cfg)
+    ratios = tta.ratios(summary, cfg)
+    return {"config": cfg, "runs": runs, "summary": summary, "ratios": ratios,
+            "goal": tta.goal(summary, ratios), "machine": {"cpus": 2, "gpus": []},
+            "commit": "abc1234", "date": "2026-01-01T00:00:00+00:00", "complete": True}
+
+
+def test_ratios_goal_and_table():
+    report = _fake_report({"sgd": [20.0, 22.0, 30.0], "adam": [None, None, 50.0],
+                           "kfac": [40.0, 40.0, None], "tengrad": [10.0, 11.0, 12.0]})
+    r = report["ratios"]["0.88"]
+    assert math.isclose(r["tengrad/sgd"], 11.0 / 22.0)
+    assert math.isclose(r["tengrad/kfac"], 11.0 / 40.0)
+    assert r["tengrad/adam"] is None  # Adam's median is a miss
+    assert math.isclose(r["tengrad/kfac (excluding first step)"], 10.5 / 39.5)
+    goal = report["goal"]
+    assert goal["kfac"]["met"] and goal["sgd"]["met"]
+    assert goal["adam"]["met"]  # TENGraD got there, Adam's median run did not
+    md = tta.markdown_table(report)
+    assert "| TENGraD | 1 [1–1] | 11 [10–12] | — (0/3) |" in md
+    assert "| Adam | — (0/3) | — [50–∞] (1/3) |" in md
+    assert "÷ K-FAC 0.28" in md and "goal ≤ 0.6: met" in md
+    assert len({line.count("|") for line in md.splitlines() if line.startswith("|")}) == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    report = _fake_report({"sgd": [20.0, None, 30.0], "tengrad": [10.0, 11.0, 12.0]})
+    tta.plot(report, tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_help_runs(capsys):
+    with pytest.raises(SystemExit) as exc:
+        tta.build_parser().parse_args(["--help"])
+    assert exc.value.code == 0
+    assert "--config" in capsys.readouterr().out
