@@ -132,6 +132,12 @@ class KroneckerBlock:
         inv = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.inv_update_freq), 0))
         return cov, inv
 
+    def needs_output_grads(self, step, inputs) -> tf.Tensor:
+        """Whether this step updates the factors (the only use of output gradients)."""
+        if self._state is None:
+            self._build_state()
+        return self._schedule(step)[0]
+
     # ---- curvature ---------------------------------------------------------------------------
     def factors(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                 ) -> tuple[tf.Tensor, tf.Tensor]:

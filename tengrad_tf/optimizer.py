@@ -34,8 +34,9 @@ class TENGraD(PreconditionedOptimizer):
         damping: λ > 0, the Tikhonov damping of each Fisher block.
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
-        fisher: "true" samples labels from the model's predictive distribution (one extra backward
-            pass through the activations per step); "empirical" uses the training labels (free).
+        fisher: "true" samples labels from the model's predictive distribution (an extra backward
+            pass through the activations, run only on curvature-update steps); "empirical" uses
+            the training labels (free).
         curvature_update_freq: recompute factors, Gram and Cholesky every this many steps, and
             precondition with the cached ones in between.
         kl_clip: κ > 0 for KL clipping of the step, or None to disable.

@@ -19,6 +19,8 @@ The block interface (duck-typed; `tengrad_tf.blocks.FisherBlock` is the referenc
   curvature(step, inputs, output_grads) -> (state: dict of tensors, retries: int32 tensor)
                                      fresh or cached curvature, by the block's own schedule
   precondition(grads, state) -> directions
+  needs_output_grads(step, inputs) -> bool tensor
+                                     whether `curvature` will use this step's output gradients
   commit(step, state)                keep `state` (called only when the whole step is finite)
 
 What this module does not do: capture (capture.py), curvature math (blocks/, kfac.py), the solve
@@ -27,6 +29,7 @@ What this module does not do: capture (capture.py), curvature math (blocks/, kfa
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -35,7 +38,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf import capture, fisher
+from tengrad_tf import _tf_private, capture, fisher
 
 logger = logging.getLogger("tengrad_tf")
 
@@ -131,8 +134,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # need the true gradient, so unscale here and scale the direction back for Keras.
         scale = self.loss_scale_factor or 1.0
         grads = [None if g is None else g / scale for g in grads]
-        output_grads = self._output_gradients(record, blocks, scale)
         step = self.iterations
+        output_grads = self._output_gradients(record, blocks, scale, step)
 
         directions = list(grads)
         index = {id(v): i for i, v in enumerate(trainable_variables)}
@@ -243,7 +246,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                            len(self._treatments), ", ".join(first_order))
         return pairs
 
-    def _output_gradients(self, record, pairs, loss_scale) -> dict[int, list[tf.Tensor]]:
+    def _output_gradients(self, record, pairs, loss_scale, step) -> dict[int, list[tf.Tensor]]:
         """Per-sample output gradients Gᵢ = ∂ℓᵢ/∂zᵢ for every captured call, per block."""
         if not pairs:
             return {}
@@ -266,13 +269,28 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             )
         for call in record.loss_calls:
             fisher.check_supported(call.loss)
+        flat = [c for _, calls in pairs for c in calls]
+        # The sampled backward pass is needed only on steps where some block refreshes its
+        # curvature (1 in curvature_update_freq). A tf.cond cannot hold it (the gradient of tensors
+        # computed outside a branch does not exist inside it), so the pass is gated with dataflow
+        # Switch/Merge instead: on other steps its ops receive a dead tensor and do not run.
+        gate = None if _tf_private.in_xla_context() else tf.reduce_any(
+            [b.needs_output_grads(step, [c.inputs for c in calls]) for b, calls in pairs])
+        loss_calls = record.loss_calls if gate is None else [
+            dataclasses.replace(c, y_pred=tf.nest.map_structure(
+                lambda t: tf.raw_ops.Switch(data=t, pred=gate)[1], c.y_pred))
+            for c in record.loss_calls]
         record.frozen = True  # the identities keep the training gradients they hold
         try:
-            sampled = fisher.sampled_loss_sum(record.loss_calls, self.seed)
-            flat = [c for _, calls in pairs for c in calls]
+            sampled = fisher.sampled_loss_sum(loss_calls, self.seed)
             grads = tf.gradients(sampled, [c.preactivation for c in flat])
         finally:
             record.frozen = False
+        if gate is not None:
+            # Merge takes whichever input is alive: the sampled gradient, or zeros when gated off.
+            grads = [g if g is None else tf.raw_ops.Merge(
+                inputs=[tf.raw_ops.Switch(data=tf.zeros_like(g), pred=gate)[0], g])[0]
+                for g in grads]
         by_call = {id(c): (tf.zeros_like(c.preactivation) if g is None else g)
                    for c, g in zip(flat, grads)}
         return {id(b): [by_call[id(c)] for c in calls] for b, calls in pairs}

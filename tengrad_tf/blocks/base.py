@@ -289,18 +289,27 @@ class FisherBlock:
         return tf.logical_or(tf.equal(tf.math.floormod(step, self.update_freq), 0),
                              tf.logical_not(self._filled))
 
+    def _ensure_cache(self, inputs: list[tf.Tensor]) -> None:
+        if self._cache is not None:
+            return
+        p = self.total_positions(inputs)
+        capacity = inputs[0].shape[0]
+        if capacity is None and _tf_private.in_xla_context():
+            raise XlaCacheError(
+                f"layer '{self.layer.name}': the curvature cache is sized by the batch, which "
+                "is not static in this trace, and XLA cannot resize a variable. Compile with "
+                "model.compile(jit_compile=False) (Keras turns XLA on by default on GPUs), or "
+                "trace the train step with a fixed batch size.")
+        self._build_cache(self.cache_kind(p), p, capacity)
+
+    def needs_output_grads(self, step, inputs) -> tf.Tensor:
+        """Whether this step recomputes the curvature (the only use of output gradients)."""
+        self._ensure_cache(inputs)
+        return self.is_update(step)
+
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `update_freq`), the cached one otherwise."""
-        if self._cache is None:
-            p = self.total_positions(inputs)
-            capacity = output_grads[0].shape[0]
-            if capacity is None and _tf_private.in_xla_context():
-                raise XlaCacheError(
-                    f"layer '{self.layer.name}': the curvature cache is sized by the batch, which "
-                    "is not static in this trace, and XLA cannot resize a variable. Compile with "
-                    "model.compile(jit_compile=False) (Keras turns XLA on by default on GPUs), or "
-                    "trace the train step with a fixed batch size.")
-            self._build_cache(self.cache_kind(p), p, capacity)
+        self._ensure_cache(inputs)
         cached = {k: v.read_value() for k, v in self._cache.items()}
 
         def fresh():
