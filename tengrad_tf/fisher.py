@@ -74,11 +74,27 @@ def per_sample_loss(loss: keras.losses.Loss, y_true, y_pred) -> tf.Tensor:
     return loss.call(y_true, y_pred)
 
 
+def root_weights(sample_weight) -> tf.Tensor:
+    """√wᵢ per sample (m,) from a Keras sample_weight of shape (m,) or (m, 1)."""
+    w = tf.cast(sample_weight, tf.float64)  # cast to each tensor's dtype where it is used
+    if w.shape.rank is not None and w.shape.rank > 1:
+        w = tf.reshape(w, [tf.shape(w)[0], -1])
+        tf.debugging.assert_equal(tf.shape(w)[1], 1, message=(
+            "the Fisher supports one weight per sample; got per-element sample weights"))
+        w = w[:, 0]
+    return tf.sqrt(w)
+
+
 def sampled_loss_sum(loss_calls, seed=None) -> tf.Tensor:
-    """Σᵢ ℓᵢ(ŷᵢ) over the batch and every recorded output: its gradient w.r.t. a layer's
-    pre-activation z is the per-sample output gradient of the true Fisher (no factor m needed)."""
+    """Σᵢ √wᵢ ℓᵢ(ŷᵢ) over the batch and every recorded output: its gradient w.r.t. a layer's
+    pre-activation z is the per-sample output gradient of the true Fisher (no factor m needed),
+    weighted so that F = (1/m) Σ wᵢ uᵢuᵢᵀ when the loss has sample weights wᵢ."""
     total = 0.0
     for call in loss_calls:
         y_hat = sample_labels(call.loss, call.y_pred, seed)
-        total += tf.reduce_sum(tf.cast(per_sample_loss(call.loss, y_hat, call.y_pred), tf.float32))
+        losses = per_sample_loss(call.loss, y_hat, call.y_pred)
+        if call.sample_weight is not None:
+            root_w = tf.cast(root_weights(call.sample_weight), losses.dtype)
+            losses *= tf.reshape(root_w, [-1] + [1] * (losses.shape.rank - 1))
+        total += tf.cast(tf.reduce_sum(losses), tf.float64)
     return total

@@ -252,7 +252,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             return {}
         if self.fisher == fisher.EMPIRICAL:
             factor = _batch_mean_factor(record)
-            return {id(b): [c.output_grad * tf.cast(factor(c) / loss_scale, c.output_grad.dtype)
+            # The backward pass gives wᵢ·∂ℓᵢ/∂zᵢ for a weighted loss; the Fisher weights samples as
+            # the loss does, F = (1/m) Σ wᵢ uᵢuᵢᵀ, so the rows are rescaled by 1/√wᵢ.
+            root_w = _root_sample_weight(record)
+            return {id(b): [_weighted_rows(c.output_grad * tf.cast(factor(c) / loss_scale,
+                                                                   c.output_grad.dtype),
+                                           root_w, divide=True)
                             for c in calls] for b, calls in pairs}
         if not record.loss_calls:
             raise BindingError(
@@ -342,6 +347,31 @@ def _batch_mean_factor(record: capture.Record):
         return tf.cast(m * replicas, tf.float32)
 
     return factor
+
+
+def _root_sample_weight(record: capture.Record):
+    """√wᵢ of the step's per-sample loss weights (None if unweighted).
+
+    Keras passes `sample_weight` (and `class_weight`, converted) to the loss. With several weighted
+    losses the training backward pass mixes their weights in each layer's output gradient, which
+    cannot be undone per loss: that case is refused rather than silently mis-weighted.
+    """
+    weighted = [c for c in record.loss_calls if c.sample_weight is not None]
+    if not weighted:
+        return None
+    if len(weighted) > 1:
+        raise BindingError(
+            f"{len(weighted)} weighted losses in one step: fisher='empirical' cannot separate "
+            "their sample weights in the output gradients. Use fisher='true' (it weights each "
+            "output's sampled loss), or a single weighted loss.")
+    return fisher.root_weights(weighted[0].sample_weight)
+
+
+def _weighted_rows(g, root_w, divide: bool):
+    if root_w is None:
+        return g
+    root_w = tf.reshape(tf.cast(root_w, g.dtype), [-1] + [1] * (g.shape.rank - 1))
+    return tf.math.divide_no_nan(g, root_w) if divide else g * root_w
 
 
 def _check_same_batch(layer, calls):

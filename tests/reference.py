@@ -42,17 +42,21 @@ def layer_blocks(model):
     return out
 
 
-def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping):
+def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, sample_weight=None):
     """{variable path: natural-gradient direction}, blocks for Dense/Conv layers, d = g elsewhere.
 
     g is the mean gradient at the training labels `y_true`; the Fisher uses per-sample gradients at
     `y_fisher` (the training labels for the empirical Fisher, sampled labels for the true one).
+    With `sample_weight` w: g = (1/m) Σ wᵢ uᵢ (Keras's weighted batch mean) and
+    F = (1/m) Σ wᵢ uᵢuᵢᵀ (samples weighted as the loss weights them).
     """
     variables = model.trainable_variables
     g_per = per_sample_gradients(model, x, y_true, per_sample_loss, variables)
     u_per = g_per if y_fisher is y_true else per_sample_gradients(
         model, x, y_fisher, per_sample_loss, variables)
-    g = {p: v.mean(axis=0) for p, v in g_per.items()}
+    w = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    g = {p: (v * w[:, None]).mean(axis=0) for p, v in g_per.items()}
+    u_per = {p: v * np.sqrt(w)[:, None] for p, v in u_per.items()}
     directions = dict(g)
     for kernel, bias in layer_blocks(model):
         vars_ = [kernel] + ([bias] if bias is not None else [])

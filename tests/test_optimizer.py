@@ -386,3 +386,23 @@ def test_first_step_mid_reuse_window_computes_curvature(float64):
     after = weights(model)
     for path, d in expected.items():
         np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_sample_weights_weight_the_fisher_like_the_loss(float64, fixed_sampled_labels, fisher_type):
+    m, lr, damping = 8, 0.125, 0.05
+    model = mlp()
+    x, y = data(m)
+    w = np.array([1.0, 0.0, 2.0, 0.5, 1.0, 3.0, 1.0, 0.25])
+    y_fisher = (y + 1) % 3 if fisher_type == "true" else y
+    fixed_sampled_labels["y"] = y_fisher
+    expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_sce, damping,
+                                                 sample_weight=w)
+    before = weights(model)
+    model.compile(optimizer=plain(learning_rate=lr, damping=damping, fisher=fisher_type),
+                  loss=sce())
+    model.fit(x, y, sample_weight=w, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12,
+                                   err_msg=path)
