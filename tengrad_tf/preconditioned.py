@@ -91,8 +91,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         capture.install()
 
     def _make_block(self, layer):
-        """The curvature block of a supported layer (the only thing subclasses must provide)."""
-        raise NotImplementedError  # abstract
+        """The curvature block of a supported layer: the one method every subclass overrides
+        (TENGraD's exact blocks, K-FAC's Kronecker blocks)."""
+        raise TypeError(f"{type(self).__name__} does not define its curvature blocks (_make_block)")
 
     # ---- state -------------------------------------------------------------------------------
     def build(self, var_list):
@@ -133,7 +134,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # Keras unscales by loss_scale_factor inside super().apply; the curvature and the KL clip
         # need the true gradient, so unscale here and scale the direction back for Keras.
         scale = self.loss_scale_factor or 1.0
-        grads = [None if g is None else g / scale for g in grads]
+        if scale != 1.0:
+            grads = [None if g is None else g / scale for g in grads]
         step = self.iterations
         output_grads = self._output_gradients(record, blocks, scale, step)
 
@@ -156,8 +158,14 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
 
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in directions
                                 if d is not None])
-        finite = tf.logical_and(finite, tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(t)) for _, c in stores for t in c.values()] or [True]))
+        # Cached curvature was stored only when finite, so only fresh curvature needs the check
+        # (on a 3C1F reuse step it would read a 75 MB per-sample-gradient cache for nothing).
+        fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
+                               for b, calls in blocks] or [False])
+        curvature_finite = tf.cond(fresh, lambda: tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(t)) for _, c in stores for t in c.values()] or [True]),
+            lambda: tf.constant(True))
+        finite = tf.logical_and(finite, curvature_finite)
 
         def take_step():
             for block, curvature in stores:
@@ -165,7 +173,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             if retries:
                 self.damping_retries.assign_add(tf.cast(tf.add_n(retries), "int64"))
             self.consecutive_skips.assign(0)
-            scaled = [None if d is None else d * scale for d in directions]
+            # Keras divides by loss_scale_factor again inside apply.
+            scaled = directions if scale == 1.0 else [None if d is None else d * scale
+                                                      for d in directions]
             super(PreconditionedOptimizer, self).apply(scaled, trainable_variables)
 
         def skip_step():
@@ -173,9 +183,10 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             self.consecutive_skips.assign_add(1)
             tf.debugging.assert_less(
                 self.consecutive_skips, tf.constant(self.max_consecutive_skips, "int64"),
-                message=(f"{type(self).__name__}: {self.max_consecutive_skips} steps in a row had a non-finite "
-                         "gradient, direction or curvature; the weights were left untouched. Check "
-                         "the data and the loss, or lower the learning rate / raise the damping."))
+                message=(f"{type(self).__name__}: {self.max_consecutive_skips} steps in a row had a "
+                         "non-finite gradient, direction or curvature; the weights were left "
+                         "untouched. Check the data and the loss, or lower the learning rate / raise "
+                         "the damping."))
 
         ops.cond(finite, take_step, skip_step)
 

@@ -77,8 +77,12 @@ def test_quick_runs_curves_and_clock(quick_run):
         assert run["steps"] == 120  # the step budget
         # Every 20 steps up to step 60, then every 40; step 0 before training; no duplicates.
         assert [r["step"] for r in rows] == [0, 20, 40, 60, 80, 120]
-        seconds = [r["train_seconds"] for r in rows]
-        assert seconds == sorted(seconds)
+        for clock in ("seconds", "train_seconds"):
+            seconds = [r[clock] for r in rows]
+            assert seconds == sorted(seconds)
+        assert rows[0]["seconds"] == 0.0
+        assert rows[-1]["train_seconds"] - rows[-1]["seconds"] == pytest.approx(
+            run["first_step_seconds"])
         assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
         assert run["train_seconds"] + run["eval_seconds"] <= run["wall_seconds"] + 1e-6
         assert run["final_accuracy"] == rows[-1]["test_accuracy"] > 0.5  # it learned something
@@ -86,7 +90,8 @@ def test_quick_runs_curves_and_clock(quick_run):
             first = next((r for r in rows if r["test_accuracy"] >= float(key)), None)
             assert (hit is None) == (first is None)
             if hit is not None:
-                assert hit["seconds"] == first["train_seconds"]
+                assert hit["seconds"] == first["seconds"]
+                assert hit["train_seconds"] == first["train_seconds"]
     for name in ("kfac", "tengrad"):
         run = next(r for r in runs if r["optimizer"] == name)
         assert run["skipped_steps"] == 0
@@ -95,15 +100,16 @@ def test_quick_runs_curves_and_clock(quick_run):
 # ----------------------------------------------------------------------------- pieces
 
 
-def _rows(points):
-    return [{"step": s, "epoch": s / 100, "train_seconds": t, "test_accuracy": a,
+def _rows(points, first_step=0.5):
+    return [{"step": s, "epoch": s / 100, "seconds": t,
+             "train_seconds": t + first_step if s else 0.0, "test_accuracy": a,
              "test_loss": 1.0, "train_loss": None} for s, t, a in points]
 
 
 def test_time_to_target_takes_the_first_evaluation_at_or_above():
-    rows = _rows([(0, 0.0, 0.1), (10, 2.0, 0.86), (20, 4.0, 0.85), (30, 6.0, 0.885)])
-    assert tta.time_to_target(rows, 0.85, first_step_seconds=1.5) == {
-        "seconds": 2.0, "epochs": 0.1, "step": 10, "seconds_excluding_first_step": 0.5}
+    rows = _rows([(0, 0.0, 0.1), (10, 2.0, 0.86), (20, 4.0, 0.85), (30, 6.0, 0.885)], 1.5)
+    assert tta.time_to_target(rows, 0.85) == {
+        "seconds": 2.0, "train_seconds": 3.5, "epochs": 0.1, "step": 10}
     assert tta.time_to_target(rows, 0.88)["step"] == 30
     assert tta.time_to_target(rows, 0.90) is None
 
@@ -132,9 +138,10 @@ def _fake_report(times88: dict[str, list[float | None]]) -> dict:
             rows = _rows(points)
             runs.append({
                 "optimizer": name, "seed": seed, "rows": rows, "steps": 300, "epochs": 3.0,
-                "train_seconds": 200.0, "first_step_seconds": 0.5, "eval_seconds": 1.0,
+                "seconds": 200.0, "train_seconds": 200.5, "first_step_seconds": 0.5,
+                "eval_seconds": 1.0,
                 "final_accuracy": rows[-1]["test_accuracy"], "best_accuracy": 0.895,
-                "time_to_target": {tta._key(x): tta.time_to_target(rows, x, 0.5)
+                "time_to_target": {tta._key(x): tta.time_to_target(rows, x)
                                    for x in cfg["targets"]}})
     summary = tta.summarize(runs, cfg)
     ratios = tta.ratios(summary, cfg)
@@ -146,18 +153,22 @@ def _fake_report(times88: dict[str, list[float | None]]) -> dict:
 def test_ratios_goal_and_table():
     report = _fake_report({"sgd": [20.0, 22.0, 30.0], "adam": [None, None, 50.0],
                            "kfac": [40.0, 40.0, None], "tengrad": [10.0, 11.0, 12.0]})
-    r = report["ratios"]["0.88"]
+    r = report["ratios"]["0.88"]["seconds"]
     assert math.isclose(r["tengrad/sgd"], 11.0 / 22.0)
     assert math.isclose(r["tengrad/kfac"], 11.0 / 40.0)
     assert r["tengrad/adam"] is None  # Adam's median is a miss
-    assert math.isclose(r["tengrad/kfac (excluding first step)"], 10.5 / 39.5)
-    goal = report["goal"]
+    assert math.isclose(report["ratios"]["0.88"]["train_seconds"]["tengrad/kfac"], 11.5 / 40.5)
+    goal = report["goal"]["seconds"]
     assert goal["kfac"]["met"] and goal["sgd"]["met"]
     assert goal["adam"]["met"]  # TENGraD got there, Adam's median run did not
+    slow = _fake_report({"sgd": [10.0] * 3, "kfac": [12.0] * 3, "tengrad": [10.0] * 3})
+    assert not slow["goal"]["seconds"]["kfac"]["met"]  # 0.83 > 0.6
+    assert not slow["goal"]["seconds"]["sgd"]["met"]  # 1.0 > 0.9
     md = tta.markdown_table(report)
-    assert "| TENGraD | 1 [1–1] | 11 [10–12] | — (0/3) |" in md
-    assert "| Adam | — (0/3) | — [50–∞] (1/3) |" in md
-    assert "÷ K-FAC 0.28" in md and "goal ≤ 0.6: met" in md
+    assert "| TENGraD | 1.0 [1.0–1.0] | 11.0 [10.0–12.0] | — (0/3) |" in md
+    assert "| Adam | 1.0 [1.0–1.0] | — [50.0–∞] (1/3) | — (0/3) |" in md
+    assert "÷ K-FAC 0.28 (goal ≤ 0.6: met)" in md
+    assert "÷ Adam n/a, Adam's median run never reached it (goal ≤ 0.9: met)" in md
     assert len({line.count("|") for line in md.splitlines() if line.startswith("|")}) == 1
 
 

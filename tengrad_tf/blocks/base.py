@@ -14,6 +14,7 @@ the float64 Cholesky factor of mλI + K.
 
 from __future__ import annotations
 
+import abc
 import enum
 import math
 import keras
@@ -48,7 +49,7 @@ class CacheKind(str, enum.Enum):
     PER_SAMPLE = "per-sample gradients"  # J (m, D_in, D_out)
 
 
-class FisherBlock:
+class FisherBlock(abc.ABC):
     """Exact (F + λI)⁻¹ for one layer, F = (1/m) Σᵢ vec(Jᵢ) vec(Jᵢ)ᵀ with Jᵢ = Âᵢᵀ Gᵢ."""
 
     #: Keras layer classes this block handles (exact type match is not required: subclasses that keep
@@ -78,17 +79,17 @@ class FisherBlock:
         return None
 
     @staticmethod
+    @abc.abstractmethod
     def preactivation(layer, inputs) -> tf.Tensor:
         """The layer's output before its activation, computed exactly as the layer's own call."""
-        raise NotImplementedError  # abstract: DenseBlock and ConvBlock override
 
+    @abc.abstractmethod
     def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
         """Â without the bias column: (m, P, D_in)."""
-        raise NotImplementedError  # abstract
 
+    @abc.abstractmethod
     def positions(self, inputs_shape) -> int | None:
         """P, the number of patch rows per sample (None if not static)."""
-        raise NotImplementedError  # abstract
 
     @property
     def dtype(self) -> tf.DType:
