@@ -19,7 +19,7 @@ record instead. Replicas of `MirroredStrategy` run in their own threads, hence t
 
 What this module does not do: any Fisher math. It only hands tensors to the blocks.
 
-Private Keras API: none. The patch replaces the public `call` methods of `keras.layers.Dense`,
+Private API: only `_tf_private.tape_is_recording` (see there). The patch replaces the public `call` methods of `keras.layers.Dense`,
 `keras.layers.Conv1D`/`Conv2D` (through their common base class, found from the public classes) and
 `keras.losses.Loss.__call__`, and keeps the originals. Checked against Keras 3.15.
 """
@@ -131,12 +131,16 @@ def _record_output(record: Record, call: LayerCall) -> tf.Tensor:
 
 
 def _capturing_call(original: Callable) -> Callable:
-    from tengrad_tf import blocks  # the block registry imports Keras layers; avoid a cycle
+    from tengrad_tf import _tf_private, blocks  # blocks import Keras layers; avoid a cycle
 
     @functools.wraps(original)
     def call(self, inputs, *args, **kwargs):
         block_class = blocks.block_class_for(self)
         if block_class is None or not self.trainable:
+            return original(self, inputs, *args, **kwargs)
+        # Eagerly, only a call under a recording GradientTape can be part of a training step;
+        # recording others (an eager inference loop) would only hold their inputs in memory.
+        if tf.executing_eagerly() and not _tf_private.tape_is_recording():
             return original(self, inputs, *args, **kwargs)
         record = current_record()
         if record.frozen:

@@ -16,3 +16,10 @@ def test_in_xla_context():
     tf.function(probe)(tf.constant(1.0))
     probe(tf.constant(1.0))
     assert seen == [True, False, False]
+
+
+def test_tape_is_recording():
+    assert not _tf_private.tape_is_recording()
+    with tf.GradientTape():
+        assert _tf_private.tape_is_recording()
+    assert not _tf_private.tape_is_recording()
