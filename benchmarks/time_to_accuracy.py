@@ -55,9 +55,10 @@ the configuration; the JSON records what was used.
 Writes, under --out (default benchmarks/results/): time_to_accuracy.json (date, machine, commit,
 command, config, every evaluation of every run, the per-optimizer summary and the ratios),
 time_to_accuracy.md (the table `markdown_table(report)` renders, also used by
-benchmarks/update_readme.py) and time_to_accuracy.png (test accuracy against steady-state training
-seconds and against epochs, median over seeds with a min-max band). The JSON is rewritten after every run, with
-"complete": false until the last one, so a long run can be inspected while it goes.
+benchmarks/update_readme.py) and time_to_accuracy.png (test accuracy against steady-state
+training seconds, log scale, and against epochs: median over seeds with a min-max band). The JSON
+is rewritten after every run, with "complete": false until the last one, so a long run can be
+inspected while it goes; `--from-json` re-renders the table and plot from a JSON alone.
 """
 
 from __future__ import annotations
@@ -69,6 +70,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "~/tensorflow_datasets)")
     io.add_argument("--out", default=str(RESULTS),
                     help="output folder (default: benchmarks/results)")
+    io.add_argument("--from-json", metavar="JSON",
+                    help="train nothing: re-render the table and plot of an existing result "
+                         "JSON (written next to it)")
     return p
 
 
@@ -349,8 +354,6 @@ def summarize(runs: list[dict], cfg: dict) -> dict[str, Any]:
     return summary
 
 
-
-
 def ratios(summary: dict, cfg: dict) -> dict[str, dict[str, dict[str, float | None]]]:
     """ratios[target][clock]["tengrad/<baseline>"]: TENGraD's median time over the baseline's.
 
@@ -437,7 +440,9 @@ def markdown_table(report: dict) -> str:
         f"{' / '.join(budget)} per run, {cfg['seeds']} seed(s); test set `{cfg['test_split']}` "
         f"evaluated {eval_schedule(cfg)}; {report['machine']['cpus']} CPUs"
         + (f" + {', '.join(gpus)}" if gpus else "")
-        + f", commit {report['commit']}, {report['date'][:10]}"
+        + f", commit {report['commit']}"
+        + (" + uncommitted changes" if report.get("uncommitted_changes") else "")
+        + f", {report['date'][:10]}"
         + ("" if report.get("complete", True) else " (INCOMPLETE)") + ".",
         "",
         "Seconds to each target: steady-state training seconds (evaluation and the first step "
@@ -499,9 +504,14 @@ def plot(report: dict, path: Path) -> None:
         if not mine:
             continue
         for ax, x_key in zip(axes, ("seconds", "epoch")):
-            # Up to the shortest run's end: no seed is extrapolated.
+            # Up to the shortest run's end: no seed is extrapolated. Seconds on a log axis (the
+            # targets are crossed early), from the earliest evaluation after step 0.
             end = min(r["rows"][-1][x_key] for r in mine)
-            grid = np.linspace(0.0, end, 300)
+            if x_key == "seconds":
+                start = min(r["rows"][1][x_key] for r in mine if len(r["rows"]) > 1)
+                grid = np.geomspace(max(start, 1e-3), max(end, 2e-3), 300)
+            else:
+                grid = np.linspace(0.0, end, 300)
             curves = np.stack([_curve(r["rows"], grid, x_key) for r in mine])
             label = f"{LABELS.get(name, name)} (n={len(mine)})"
             ax.plot(grid, np.median(curves, axis=0), color=f"C{i}", label=label)
@@ -510,8 +520,9 @@ def plot(report: dict, path: Path) -> None:
                                 alpha=0.2, linewidth=0)
     accs = [r["test_accuracy"] for run in report["runs"] for r in run["rows"]]
     low = max(0.0, min(min(cfg["targets"]) - 0.1, np.percentile(accs, 10) if accs else 0.0))
-    for ax, xlabel in zip(axes, ("training seconds (evaluation and first step excluded)",
-                                 "epochs")):
+    axes[0].set_xscale("log")
+    for ax, xlabel in zip(axes, ("training seconds, log scale (evaluation and first step "
+                                 "excluded)", "epochs")):
         for t in cfg["targets"]:
             ax.axhline(t, color="gray", linestyle=":", linewidth=0.8)
         ax.set_xlabel(xlabel)
@@ -541,8 +552,30 @@ def write_outputs(report: dict, out: Path, final: bool) -> dict[str, Path]:
 # ------------------------------------------------------------------------------ main
 
 
+def uncommitted_changes() -> list[str] | None:
+    """`git status --porcelain` lines of the library and examples (None without git)."""
+    try:
+        out = subprocess.run(["git", "status", "--porcelain", "--", "tengrad_tf", "examples"],
+                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def render(path: Path) -> dict[str, Any]:
+    """Rewrite the .md and .png next to a result JSON from the JSON alone."""
+    report = json.loads(path.read_text())
+    path.with_suffix(".md").write_text(markdown_table(report))
+    plot(report, path.with_suffix(".png"))
+    print(markdown_table(report))
+    print(f"md: {path.with_suffix('.md')}\npng: {path.with_suffix('.png')}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.from_json:
+        return render(Path(args.from_json))
     cfg = resolve_config(args)
     n_train = data.num_examples("fashion_mnist", cfg["train_split"], cfg["data_dir"])
     steps_per_epoch = n_train // cfg["batch_size"]
@@ -555,7 +588,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {
         "benchmark": NAME,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": machine(),
+        "commit": git_commit(), "uncommitted_changes": uncommitted_changes(),
+        "machine": machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "command": " ".join(["benchmarks/time_to_accuracy.py"]
                             + (sys.argv[1:] if argv is None else list(argv))),

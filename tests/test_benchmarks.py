@@ -49,7 +49,8 @@ def test_quick_writes_json_png_and_markdown(quick_run):
     out, report = quick_run
     on_disk = json.loads((out / "time_to_accuracy.json").read_text())
     assert on_disk == json.loads(json.dumps(report))
-    for key in ("date", "machine", "commit", "command", "config", "runs", "summary", "ratios"):
+    for key in ("date", "machine", "commit", "uncommitted_changes", "command", "config", "runs",
+                "summary", "ratios", "goal"):
         assert key in on_disk
     assert on_disk["complete"] is True
     assert "--quick" in on_disk["command"]
@@ -183,3 +184,17 @@ def test_help_runs(capsys):
         tta.build_parser().parse_args(["--help"])
     assert exc.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_from_json_rerenders_table_and_plot(tmp_path):
+    report = _fake_report({"sgd": [20.0, 22.0, 30.0], "tengrad": [10.0, 11.0, 12.0]})
+    path = tmp_path / "time_to_accuracy.json"
+    path.write_text(json.dumps(report))
+    assert tta.main(["--from-json", str(path)]) == report
+    assert (tmp_path / "time_to_accuracy.md").read_text() == tta.markdown_table(report)
+    assert (tmp_path / "time_to_accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_update_readme_finds_the_table():
+    from benchmarks import update_readme
+    assert update_readme.extra_tables()["time_to_accuracy"] is tta.markdown_table
