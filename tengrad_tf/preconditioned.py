@@ -137,7 +137,11 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if scale != 1.0:
             grads = [None if g is None else g / scale for g in grads]
         step = self.iterations
-        output_grads = self._output_gradients(record, blocks, scale, step)
+        # Whether any block refreshes its curvature this step: gates the true Fisher's sampled
+        # backward pass and the finiteness check of the curvature.
+        fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
+                               for b, calls in blocks] or [False])
+        output_grads = self._output_gradients(record, blocks, scale, fresh)
 
         directions = list(grads)
         index = {id(v): i for i, v in enumerate(trainable_variables)}
@@ -160,8 +164,6 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                                 if d is not None])
         # Cached curvature was stored only when finite, so only fresh curvature needs the check
         # (on a 3C1F reuse step it would read a 75 MB per-sample-gradient cache for nothing).
-        fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
-                               for b, calls in blocks] or [False])
         curvature_finite = tf.cond(fresh, lambda: tf.reduce_all(
             [tf.reduce_all(tf.math.is_finite(t)) for _, c in stores for t in c.values()] or [True]),
             lambda: tf.constant(True))
@@ -204,7 +206,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         return [None if d is None else d * tf.cast(nu, d.dtype) for d in directions]
 
     # ---- binding -----------------------------------------------------------------------------
-    def _bind(self, record: capture.Record, variables, grads) -> list[tuple[FisherBlock, list]]:
+    def _bind(self, record: capture.Record, variables, grads) -> list[tuple[Any, list]]:
         """Match this step's captured layer calls to the variables; record every variable's fate."""
         calls_by_layer: dict[int, list[capture.LayerCall]] = {}
         for call in record.layer_calls:
@@ -257,7 +259,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                            len(self._treatments), ", ".join(first_order))
         return pairs
 
-    def _output_gradients(self, record, pairs, loss_scale, step) -> dict[int, list[tf.Tensor]]:
+    def _output_gradients(self, record, pairs, loss_scale, fresh) -> dict[int, list[tf.Tensor]]:
         """Per-sample output gradients Gᵢ = ∂ℓᵢ/∂zᵢ for every captured call, per block."""
         if not pairs:
             return {}
@@ -290,8 +292,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # curvature (1 in curvature_update_freq). A tf.cond cannot hold it (the gradient of tensors
         # computed outside a branch does not exist inside it), so the pass is gated with dataflow
         # Switch/Merge instead: on other steps its ops receive a dead tensor and do not run.
-        gate = None if _tf_private.in_xla_context() else tf.reduce_any(
-            [b.needs_output_grads(step, [c.inputs for c in calls]) for b, calls in pairs])
+        gate = None if _tf_private.in_xla_context() else fresh
         loss_calls = record.loss_calls if gate is None else [
             dataclasses.replace(c, y_pred=tf.nest.map_structure(
                 lambda t: tf.raw_ops.Switch(data=t, pred=gate)[1], c.y_pred))

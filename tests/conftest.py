@@ -5,6 +5,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from tengrad_tf import fisher  # noqa: E402
 
 
 @pytest.fixture
@@ -23,3 +26,15 @@ def float64():
 def _seed():
     keras.utils.set_random_seed(1234)
     np.random.seed(1234)
+
+
+@pytest.fixture
+def fixed_sampled_labels(monkeypatch):
+    """Expose the true Fisher's sampled labels: make them a fixed, known array."""
+    labels = {}
+
+    def sample(loss, y_pred, seed=None):
+        return tf.constant(labels["y"])
+
+    monkeypatch.setattr(fisher, "sample_labels", sample)
+    return labels

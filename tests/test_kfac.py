@@ -16,8 +16,8 @@ import pytest
 import tensorflow as tf
 
 import tengrad_tf
-from tengrad_tf import fisher
 from tengrad_tf.kfac import KFAC
+from tests.test_optimizer import data, mlp
 
 
 def sce():
@@ -146,28 +146,6 @@ def reference_directions(model, x, y, y_fisher, damping):
 
 
 # ---- models ------------------------------------------------------------------------------------
-def mlp(use_bias=True, inputs=5, hidden=4, classes=3):
-    return keras.Sequential([
-        keras.Input((inputs,)),
-        keras.layers.Dense(hidden, activation="tanh", use_bias=use_bias),
-        keras.layers.Dense(classes, use_bias=use_bias),
-    ])
-
-
-def data(m, inputs=5, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(m, inputs)).astype(keras.config.floatx())
-    y = rng.integers(0, classes, size=m)
-    return x, y
-
-
-@pytest.fixture
-def fixed_sampled_labels(monkeypatch):
-    labels = {}
-    monkeypatch.setattr(fisher, "sample_labels", lambda loss, y_pred, seed=None: tf.constant(labels["y"]))
-    return labels
-
-
 # ---- one step ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("use_bias, fisher_type", [(True, "empirical"), (False, "empirical"),
                                                    (True, "true")])

@@ -33,18 +33,6 @@ def data(m, inputs=5, classes=3, seed=0):
     return x, y
 
 
-@pytest.fixture
-def fixed_sampled_labels(monkeypatch):
-    """Expose the true Fisher's sampled labels: make them a fixed, known array."""
-    labels = {}
-
-    def sample(loss, y_pred, seed=None):
-        return tf.constant(labels["y"])
-
-    monkeypatch.setattr(fisher, "sample_labels", sample)
-    return labels
-
-
 def plain(**kw):
     base = dict(momentum=0.0, weight_decay=None, kl_clip=None, curvature_update_freq=1)
     base.update(kw)

@@ -7,7 +7,7 @@ summary says so.
 
 from __future__ import annotations
 
-from tengrad_tf.blocks.base import CacheKind, FisherBlock, GramRoute, XlaCacheError
+from tengrad_tf.blocks.base import CacheKind, FisherBlock, XlaCacheError
 from tengrad_tf.blocks.conv import ConvBlock
 from tengrad_tf.blocks.dense import DenseBlock
 
@@ -21,5 +21,4 @@ def block_class_for(layer) -> type[FisherBlock] | None:
     return None
 
 
-__all__ = ["BLOCK_CLASSES", "CacheKind", "ConvBlock", "DenseBlock", "FisherBlock", "GramRoute",
-           "XlaCacheError", "block_class_for"]
+__all__ = ["BLOCK_CLASSES", "CacheKind", "ConvBlock", "DenseBlock", "FisherBlock", "XlaCacheError", "block_class_for"]

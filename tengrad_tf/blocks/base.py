@@ -39,11 +39,6 @@ class XlaCacheError(RuntimeError):
     """Under XLA the curvature cache needs a batch size that is static when the step is traced."""
 
 
-class GramRoute(str, enum.Enum):
-    FACTORED = "F"  # K from Â and G, pairwise over positions: m²P²(D_in + D_out)
-    EXPLICIT = "E"  # K = J Jᵀ from explicit per-sample gradients: mPD_inD_out + m²D_inD_out
-
-
 class CacheKind(str, enum.Enum):
     FACTORS = "factors"  # Â (m, P, D_in) and G (m, P, D_out)
     PER_SAMPLE = "per-sample gradients"  # J (m, D_in, D_out)
@@ -241,10 +236,6 @@ class FisherBlock(abc.ABC):
                 out[k] = tf.pad(t, [[0, cap - m]] + [[0, 0]] * (t.shape.rank - 1))
             out[k] = tf.ensure_shape(out[k], self._cache[k].shape)
         return out
-
-    @property
-    def cache_variables(self) -> dict[str, tf.Variable]:
-        return dict(self._cache or {})
 
     def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                           ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import keras
-import tensorflow as tf
 from keras import ops
 
 from tengrad_tf.blocks.base import FisherBlock, as_rows
