@@ -35,7 +35,12 @@ def defaults_table(report) -> str:
     return "\n".join(lines) + "\n"
 
 
-TABLES = {"step_time": step_time_table, "defaults": defaults_table}
+def memory_table(report) -> str:
+    from benchmarks.memory import markdown_table
+    return markdown_table(report)
+
+
+TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table}
 
 
 def extra_tables() -> dict:

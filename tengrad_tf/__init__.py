@@ -3,6 +3,7 @@
 from tengrad_tf.optimizer import TENGraD
 from tengrad_tf.kfac import KFAC
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer
+from tengrad_tf import callbacks  # tengrad_tf.callbacks.StepCounters after `import tengrad_tf`
 
 __version__ = "0.1.0"
-__all__ = ["BindingError", "KFAC", "PreconditionedOptimizer", "TENGraD", "__version__"]
+__all__ = ["BindingError", "KFAC", "PreconditionedOptimizer", "TENGraD", "__version__", "callbacks"]

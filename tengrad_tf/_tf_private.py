@@ -7,6 +7,7 @@ test need to change.
 from __future__ import annotations
 
 import tensorflow as tf
+from keras.src.backend.common import masking  # private: Keras 3 has no public mask accessor
 from tensorflow.python.eager import record  # private: no public "is a tape recording?" query
 from tensorflow.python.ops import control_flow_util  # private: no public "am I under XLA?" query
 
@@ -19,3 +20,21 @@ def in_xla_context() -> bool:
 def tape_is_recording() -> bool:
     """True if some GradientTape could record the ops run now (eager mode)."""
     return bool(record.could_possibly_record())
+
+
+def keras_mask(x):
+    """The Keras mask carried by a tensor (e.g. downstream of Embedding(mask_zero=True)), or None.
+
+    Keras's `Loss.__call__` reads it from y_pred and leaves masked entries out of the loss."""
+    return masking.get_keras_mask(x)
+
+
+def set_keras_mask(x, mask) -> None:
+    """Attach `mask` to tensor `x` as Keras layers do, so that a Loss called on it applies it."""
+    masking.set_keras_mask(x, mask)
+
+
+def outer_graph(graph):
+    """The graph that `graph` is nested in (for a tf.function's or a tf.cond/while branch's graph,
+    `FuncGraph.outer_graph`), or None for an outermost graph. FuncGraph is not public API."""
+    return getattr(graph, "outer_graph", None)

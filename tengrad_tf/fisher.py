@@ -10,6 +10,10 @@ Supported losses (the distribution they are the negative log-likelihood of):
   * mean squared error: Gaussian with variance k/2 per output (k = outputs averaged over), the
     variance for which MSE is exactly the negative log-likelihood up to a constant, so that the
     true Fisher equals the Gauss-Newton matrix of the loss.
+
+Sampling is stateless: the labels of a training step are a function of (seed, step) only, never of
+how many random ops ran before (`step_key`). A run resumed from a checkpoint at step t therefore
+draws exactly the labels the uninterrupted run drew from step t on.
 """
 
 from __future__ import annotations
@@ -51,22 +55,54 @@ def check_supported(loss: keras.losses.Loss) -> None:
     _loss_family(loss)
 
 
+def step_key(base_seed, step) -> tf.Tensor:
+    """The stateless sampling key of one training step: a function of (base_seed, step) alone.
+
+    Under tf.distribute each replica also folds in its id: the replicas hold different samples
+    and must not draw from one stream.
+    """
+    key = tf.stack([tf.cast(base_seed, tf.int64), tf.constant(0, tf.int64)])
+    key = tf.random.experimental.stateless_fold_in(key, tf.cast(step, tf.int64))
+    replica = tf.distribute.get_replica_context()
+    if replica is not None and replica.num_replicas_in_sync > 1:
+        key = tf.random.experimental.stateless_fold_in(key, replica.replica_id_in_sync_group)
+    return key
+
+
+def _as_key(seed) -> tf.Tensor:
+    """A stateless key from a key (shape [2] integer tensor), an int, or None (a random key)."""
+    if seed is None:
+        # Standalone use only: the optimizer always passes step_key(...).
+        return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int64)
+    if isinstance(seed, int):
+        return tf.constant([seed, 0], tf.int64)
+    return seed
+
+
 def sample_labels(loss: keras.losses.Loss, y_pred: tf.Tensor, seed=None) -> tf.Tensor:
-    """ŷ ~ p(y | x) in the label format the loss expects (sparse indices, one-hot, 0/1, reals)."""
+    """ŷ ~ p(y | x) in the label format the loss expects (sparse indices, one-hot, 0/1, reals).
+
+    `seed`: a stateless key (shape [2] integer tensor, e.g. from `step_key`), an int, or None
+    for a random key. The same key and predictions always give the same labels.
+    """
     family, from_logits = _loss_family(loss)
+    key = _as_key(seed)
     y_pred = tf.stop_gradient(tf.cast(y_pred, tf.float32))
     if family in ("sparse_categorical", "categorical"):
         logits = y_pred if from_logits else tf.math.log(tf.maximum(y_pred, 1e-12))
         classes = y_pred.shape[-1]
         flat = tf.reshape(logits, [-1, classes])
-        draws = tf.random.categorical(flat, 1, dtype=tf.int32, seed=seed)[:, 0]
+        draws = tf.random.stateless_categorical(flat, 1, seed=key, dtype=tf.int32)[:, 0]
+        # NaN logits draw the out-of-range label `classes`, which the loss op rejects with an error
+        # on CPU. The loss is NaN there anyway, so the step is skipped; keep the label in range.
+        draws = tf.minimum(draws, classes - 1)
         draws = tf.reshape(draws, tf.shape(y_pred)[:-1])
         return draws if family == "sparse_categorical" else tf.one_hot(draws, classes)
     if family == "binary":
         probs = tf.sigmoid(y_pred) if from_logits else y_pred
-        return tf.cast(tf.random.uniform(tf.shape(probs), seed=seed) < probs, tf.float32)
+        return tf.cast(tf.random.stateless_uniform(tf.shape(probs), seed=key) < probs, tf.float32)
     k = tf.cast(tf.shape(y_pred)[-1], tf.float32)
-    return y_pred + tf.sqrt(k / 2.0) * tf.random.normal(tf.shape(y_pred), seed=seed)
+    return y_pred + tf.sqrt(k / 2.0) * tf.random.stateless_normal(tf.shape(y_pred), seed=key)
 
 
 def per_sample_loss(loss: keras.losses.Loss, y_true, y_pred) -> tf.Tensor:
@@ -86,15 +122,55 @@ def root_weights(sample_weight) -> tf.Tensor:
 
 
 def sampled_loss_sum(loss_calls, seed=None) -> tf.Tensor:
-    """Σᵢ √wᵢ ℓᵢ(ŷᵢ) over the batch and every recorded output: its gradient w.r.t. a layer's
+    """Σᵢ √wᵢ ℓᵢ(ŷᵢ) over the batch and every differentiated output: its gradient w.r.t. a layer's
     pre-activation z is the per-sample output gradient of the true Fisher (no factor m needed),
-    weighted so that F = (1/m) Σ wᵢ uᵢuᵢᵀ when the loss has sample weights wᵢ."""
+    weighted so that F = (1/m) Σ wᵢ uᵢuᵢᵀ when the loss has sample weights wᵢ.
+
+    ℓᵢ is the same per-sample loss the empirical Fisher differentiates (see `_sampled_loss`), only
+    at the sampled labels: each output weighted as in the training loss (`loss_grad`: compile's
+    loss_weights), its Keras mask applied, and outputs with extra axes (sequences) averaged over
+    their (unmasked) positions as Keras's batch mean averages them. Losses that were not
+    differentiated (`loss_grad` None, e.g. computed only for a metric) do not count.
+
+    `seed`: the step's key (`step_key`); each output draws with its own key folded from it."""
+    key = _as_key(seed)
     total = 0.0
-    for call in loss_calls:
-        y_hat = sample_labels(call.loss, call.y_pred, seed)
-        losses = per_sample_loss(call.loss, y_hat, call.y_pred)
-        if call.sample_weight is not None:
-            root_w = tf.cast(root_weights(call.sample_weight), losses.dtype)
-            losses *= tf.reshape(root_w, [-1] + [1] * (losses.shape.rank - 1))
-        total += tf.cast(tf.reduce_sum(losses), tf.float64)
+    for index, call in enumerate(loss_calls):
+        if call.loss_grad is None:
+            continue
+        y_hat = sample_labels(call.loss, call.y_pred,
+                              tf.random.experimental.stateless_fold_in(key, index))
+        total += _sampled_loss(call, y_hat)
     return total
+
+
+def _sampled_loss(call, y_hat) -> tf.Tensor:
+    """Σᵢ √wᵢ ℓᵢ(ŷᵢ) for one loss call, in float64.
+
+    Keras's own `Loss.__call__` evaluates the loss at ŷ, so the mask, the sample weights (passed as
+    √w) and the reduction are exactly those of the training loss. For a batch-mean reduction over
+    m samples with T (unmasked) positions each, that value is (1/(m·T)) Σᵢₜ √wᵢ ℓᵢₜ (Keras also
+    divides by the R replicas under tf.distribute); times m·R it is Σᵢ √wᵢ ℓᵢ with
+    ℓᵢ = (1/T) Σₜ ℓᵢₜ, the share of sample i in the batch loss times m, which is also what the
+    empirical Fisher's ∂ℓᵢ/∂z = m·(∂L/∂z)ᵢ differentiates. A "sum" reduction needs no factor.
+    """
+    from tengrad_tf import _tf_private, capture  # capture imports the layers; avoid a cycle
+
+    y_pred = call.y_pred
+    if call.mask is not None and _tf_private.keras_mask(y_pred) is None:
+        y_pred = tf.identity(y_pred)  # a gated copy lost the attribute: give it back
+        _tf_private.set_keras_mask(y_pred, call.mask)
+    root_w = None
+    if call.sample_weight is not None:
+        root_w = tf.reshape(root_weights(call.sample_weight), tf.shape(call.sample_weight))
+    value = capture.unrecorded_loss(call.loss, y_hat, y_pred, root_w)
+    reduction = getattr(call.loss, "reduction", "sum_over_batch_size")
+    if reduction == "sum":
+        factor = 1
+    else:
+        factor = tf.shape(tf.nest.flatten(y_pred)[0])[0]
+        if reduction in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+            replica = tf.distribute.get_replica_context()
+            factor *= replica.num_replicas_in_sync if replica is not None else 1
+    weight = tf.stop_gradient(tf.cast(call.loss_grad, tf.float64))
+    return tf.cast(factor, tf.float64) * tf.reduce_sum(weight * tf.cast(value, tf.float64))

@@ -38,10 +38,16 @@ Schedule and state: the running averages are updated on steps where step % cov_u
 factor ← stat_decay·factor + (1 − stat_decay)·new, where the first update of a block takes the new
 value directly (no identity prior, no zero-initialization bias). The damped inverses are recomputed
 from the current averages on steps where step % inv_update_freq == 0. A block's first step (step 0,
-or the first step it takes part in, e.g. after restoring a checkpoint) always does both. The
+or the first step it takes part in without saved state) always does both. Saving the optimizer
+(.keras, save_weights, tf.train.Checkpoint) saves the averages, the inverses and the update count,
+so a resumed run continues the schedule exactly (preconditioned.py, "saving and resuming"). The
 inverses come from an eigendecomposition (eigenvalues clipped at 0 before adding the damping: a
 positive-definite, finite result for any finite factor), in float64 for float64 layers and float32
 otherwise. Steps whose factors are not finite are skipped by the core and leave the block untouched.
+
+Under tf.distribute the core hands every replica the layer inputs and output gradients of the whole
+global batch (all-gathered, see distribute.py), so the factors are the global batch's statistics,
+identical on every replica; tested against a single device in tests/test_distribute.py.
 
 Cost per block: O((m·P)(D_in² + D_out²)) per factor update, O(D_in³ + D_out³) per inverse update,
 O(D_in·D_out·(D_in + D_out)) per step for the preconditioning.
@@ -53,6 +59,8 @@ import keras
 import tensorflow as tf
 
 from tengrad_tf.blocks import block_class_for
+from tengrad_tf.blocks.base import assign_on_every_replica
+from tengrad_tf.blocks.base import once_per_step
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
 
 __all__ = ["BindingError", "KFAC", "KroneckerBlock"]
@@ -80,6 +88,10 @@ class KroneckerBlock:
         self.variables = self.layer_helper.variables
         self._state: dict[str, tf.Variable] | None = None
         self._updates: tf.Variable | None = None
+        self._schedule_memo: dict = {}
+        # Set by the optimizer: called with this block once its state exists (to restore it from a
+        # saved optimizer and track it for checkpoints).
+        self.state_listener = None
 
     # ---- layer facts, from the TENGraD block ------------------------------------------------------
     @property
@@ -116,6 +128,8 @@ class KroneckerBlock:
             # Committed factor updates so far (0: the factors and inverses hold nothing yet).
             self._updates = tf.Variable(tf.constant(0, tf.int64), trainable=False,
                                         name=f"{self.layer.name}_kfac_updates")
+            if self.state_listener is not None:
+                self.state_listener(self)
 
     @property
     def state_variables(self) -> dict[str, tf.Variable]:
@@ -124,13 +138,37 @@ class KroneckerBlock:
             return {}
         return {**self._state, "updates": self._updates}
 
+    def reset_state(self) -> None:
+        """Forget the factors: the next step starts the averages afresh, as the first step does."""
+        assign_on_every_replica(self._updates, 0)
+
+    def load_state(self, arrays: dict) -> None:
+        """Set the running factors, their inverses and the update count from saved arrays."""
+        variables = self.state_variables
+        mismatch = (f"layer '{self.layer.name}': the saved K-FAC state does not fit this block "
+                    "(the saved optimizer belongs to another model, or the model's layers or "
+                    "dtype changed); ")
+        if set(arrays) != set(variables):
+            raise ValueError(mismatch + f"saved fields {sorted(arrays)}, expected "
+                             f"{sorted(variables)}.")
+        values = {k: tf.convert_to_tensor(a) for k, a in arrays.items()}
+        for k, v in variables.items():
+            if values[k].dtype != v.dtype or values[k].shape != v.shape:
+                raise ValueError(mismatch + f"'{k}' was saved as {values[k].dtype.name} "
+                                 f"{values[k].shape}, the block holds {v.dtype.name} {v.shape}.")
+        for k, v in variables.items():
+            assign_on_every_replica(v, values[k])
+
     def _schedule(self, step) -> tuple[tf.Tensor, tf.Tensor]:
-        """(update the factors?, update the inverses?) at `step`."""
-        first = tf.equal(self._updates, 0)
-        step = tf.cast(step, tf.int64)
-        cov = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.cov_update_freq), 0))
-        inv = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.inv_update_freq), 0))
-        return cov, inv
+        """(update the factors?, update the inverses?) at `step`, built once per traced step."""
+        def schedule(step):
+            first = tf.equal(self._updates, 0)
+            step = tf.cast(step, tf.int64)
+            cov = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.cov_update_freq), 0))
+            inv = tf.logical_or(first, tf.equal(tf.math.floormod(step, self.inv_update_freq), 0))
+            return cov, inv
+
+        return once_per_step(self._schedule_memo, step, schedule)
 
     def needs_output_grads(self, step, inputs) -> tf.Tensor:
         """Whether this step updates the factors (the only use of output gradients)."""
@@ -248,7 +286,8 @@ class KFAC(PreconditionedOptimizer):
         cov_update_freq: update the running factors every this many steps (TCov).
         inv_update_freq: recompute the damped inverses every this many steps (TInv).
         max_consecutive_skips: raise after this many non-finite steps in a row.
-        seed: seed of the label sampling of the true Fisher.
+        seed: seed of the label sampling of the true Fisher, which is stateless in (seed, step)
+            so that a resumed run draws the same labels; None draws one, saved with the optimizer.
         clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
         loss_scale_factor, name: as in every Keras optimizer. `gradient_accumulation_steps` is
             rejected, as for TENGraD.

@@ -9,6 +9,7 @@ cached ones.
 from __future__ import annotations
 
 import keras
+import tensorflow as tf
 
 from tengrad_tf.blocks import block_class_for
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
@@ -43,7 +44,17 @@ class TENGraD(PreconditionedOptimizer):
         memory_budget: bytes one chunk of the convolution Gram routes may use.
         max_damping_retries: how often an indefinite Gram is refactorized with 10× more damping.
         max_consecutive_skips: raise after this many non-finite steps in a row.
-        seed: seed of the label sampling of the true Fisher.
+        jit_solve: compile the m × m part of each block (Gram symmetrization, Cholesky with its
+            damping retries, triangular solves) with XLA inside a step that is not compiled as a
+            whole. "auto": True when TensorFlow sees a GPU, False on CPUs (where XLA's small
+            Cholesky and triangular solves measured slower; README, "XLA"). Decided when the step
+            is first traced.
+        max_batch_size: the largest batch the optimizer will see (the global batch under
+            tf.distribute), or None. When set, the curvature cache has this fixed size and smaller
+            batches are zero-padded (exact). Needed for `model.compile(jit_compile=True)` with
+            `fit`, which traces its step with an unknown batch size while XLA needs fixed shapes.
+        seed: seed of the label sampling of the true Fisher, which is stateless in (seed, step)
+            so that a resumed run draws the same labels; None draws one, saved with the optimizer.
         clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
         loss_scale_factor, name: as in every Keras optimizer. Clipping applies to the
             natural-gradient direction. `gradient_accumulation_steps` is rejected: the curvature
@@ -70,6 +81,8 @@ class TENGraD(PreconditionedOptimizer):
         max_damping_retries=6,
         max_consecutive_skips=50,
         seed=None,
+        jit_solve="auto",
+        max_batch_size=None,
         clipnorm=None,
         clipvalue=None,
         global_clipnorm=None,
@@ -88,6 +101,10 @@ class TENGraD(PreconditionedOptimizer):
               "expected an int number of bytes >= 1 MiB")
         check("max_damping_retries", max_damping_retries, is_int(max_damping_retries, 0),
               "expected an int >= 0")
+        check("jit_solve", jit_solve, jit_solve == "auto" or isinstance(jit_solve, bool),
+              'expected "auto", True or False')
+        check("max_batch_size", max_batch_size, max_batch_size is None or is_int(max_batch_size, 1),
+              "expected None or an int >= 1")
         super().__init__(
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
             fisher=fisher, kl_clip=kl_clip, max_consecutive_skips=max_consecutive_skips, seed=seed,
@@ -100,11 +117,22 @@ class TENGraD(PreconditionedOptimizer):
         self.curvature_update_freq = int(curvature_update_freq)
         self.memory_budget = int(memory_budget)
         self.max_damping_retries = int(max_damping_retries)
+        self.jit_solve = jit_solve
+        self.max_batch_size = max_batch_size
 
     def _make_block(self, layer):
         return block_class_for(layer)(
             layer, memory_budget=self.memory_budget, damping=self.damping,
-            update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries)
+            update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,
+            jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size)
+
+    def resolved_jit_solve(self) -> bool:
+        """`jit_solve` with "auto" decided: True iff TensorFlow sees a GPU. Asked when blocks are
+        made (first trace), not at construction, where listing devices would initialize the
+        runtime before the user could still configure it (tf.config.set_visible_devices, ...)."""
+        if self.jit_solve == "auto":
+            return bool(tf.config.list_logical_devices("GPU"))
+        return self.jit_solve
 
     def get_config(self):
         config = super().get_config()
@@ -113,5 +141,7 @@ class TENGraD(PreconditionedOptimizer):
             "curvature_update_freq": self.curvature_update_freq,
             "memory_budget": self.memory_budget,
             "max_damping_retries": self.max_damping_retries,
+            "jit_solve": self.jit_solve,
+            "max_batch_size": self.max_batch_size,
         })
         return config

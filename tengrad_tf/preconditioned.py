@@ -32,13 +32,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf import _tf_private, capture, fisher
+from tengrad_tf import _tf_private, capture, distribute, fisher
 
 logger = logging.getLogger("tengrad_tf")
 
@@ -86,6 +88,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.seed = seed
         self._blocks: dict[int, Any] = {}
         self._treatments: dict[str, str] = {}
+        self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
         # created before `compile`, so this is the place.
         capture.install()
@@ -126,7 +129,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 raise ValueError(f"{self.name}.apply without variables needs a built optimizer.")
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
-        grads = list(grads)
+        # Embedding gradients arrive as IndexedSlices; ⟨d, g⟩, the KL clip and the finiteness
+        # check need dense tensors (an IndexedSlices cannot be multiplied), so they are densified.
+        grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if not self.built:
             self.build(trainable_variables)
         record = capture.consume()
@@ -136,32 +141,54 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         scale = self.loss_scale_factor or 1.0
         if scale != 1.0:
             grads = [None if g is None else g / scale for g in grads]
-        step = self.iterations
-        # Whether any block refreshes its curvature this step: gates the true Fisher's sampled
-        # backward pass and the finiteness check of the curvature.
-        fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
-                               for b, calls in blocks] or [False])
-        output_grads = self._output_gradients(record, blocks, scale, fresh)
+        # Under tf.distribute: the global gradient first, so that the KL clip and the finiteness
+        # check are those of the global batch on every replica (distribute.py, step 1).
+        context = distribute.replica_context(type(self).__name__)
+        if context is not None:
+            grads = distribute.all_reduce_sum(context, grads)
+        # One read of the counter for the whole step: blocks build their schedule from this tensor
+        # once (blocks.base.once_per_step) instead of once per use.
+        # Read in the forward pass's graph: it encloses this one when Keras's LossScaleOptimizer
+        # calls apply inside a tf.cond branch (mixed_float16), and the true Fisher's sampled pass,
+        # gated by `fresh`, must be built there (capture.Record.as_default); the branch captures both.
+        with record.as_default():
+            step = tf.convert_to_tensor(self.iterations)
+            # Whether any block refreshes its curvature this step: gates the true Fisher's sampled
+            # backward pass and the finiteness check of the curvature.
+            fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
+                                   for b, calls in blocks] or [False])
+        with record.as_default(), tf.name_scope("tengrad_output_grads"):  # scopes mark profiles
+            output_grads = self._output_gradients(record, blocks, scale, fresh)
 
         directions = list(grads)
         index = {id(v): i for i, v in enumerate(trainable_variables)}
-        retries = []
-        stores = []
+        work = []
         for block, calls in blocks:
             ids = [index[id(v)] for v in block.variables]
-            if any(grads[i] is None for i in ids):
-                continue
-            inputs = [c.inputs for c in calls]
-            outs = output_grads[id(block)]
+            if not any(grads[i] is None for i in ids):
+                work.append((block, ids, [c.inputs for c in calls], output_grads[id(block)]))
+        if context is not None:
+            # Every block's samples from every replica, in one collective (distribute.py, step 2).
+            flat = [t for _, _, xs, gs in work for t in xs + gs]
+            gathered = iter(distribute.gather_samples(context, flat, fresh))
+            work = [(b, ids, [next(gathered) for _ in xs], [next(gathered) for _ in gs])
+                    for b, ids, xs, gs in work]
+        retries = []
+        stores = []
+        for block, ids, inputs, outs in work:
             curvature, tries = block.curvature(step, inputs, outs)
             retries.append(tries)
             stores.append((block, curvature))
             for i, d in zip(ids, block.precondition([grads[i] for i in ids], curvature)):
                 directions[i] = d
-        directions = self._kl_clip(directions, grads)
+        with tf.name_scope("tengrad_kl_clip"):
+            d_dot_g = _inner_product(directions, grads)
+            directions = self._kl_clip(directions, d_dot_g)
 
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(d)) for d in directions
-                                if d is not None])
+        # ⟨d, g⟩ is finite only if every dᵢ and gᵢ is: a NaN or ±Inf anywhere makes the sum NaN or
+        # ±Inf (Inf·0 is NaN). One scalar check instead of one per variable, and the KL clip needs
+        # the sum anyway.
+        finite = tf.math.is_finite(d_dot_g)
         # Cached curvature was stored only when finite, so only fresh curvature needs the check
         # (on a 3C1F reuse step it would read a 75 MB per-sample-gradient cache for nothing).
         curvature_finite = tf.cond(fresh, lambda: tf.reduce_all(
@@ -169,15 +196,20 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             lambda: tf.constant(True))
         finite = tf.logical_and(finite, curvature_finite)
 
-        def take_step():
-            for block, curvature in stores:
-                block.commit(step, curvature)
+        def count_taken(retries):
             if retries:
                 self.damping_retries.assign_add(tf.cast(tf.add_n(retries), "int64"))
             self.consecutive_skips.assign(0)
+
+        def take_step(directions, curvatures):
+            for (block, _), curvature in zip(stores, curvatures):
+                block.commit(step, curvature)
             # Keras divides by loss_scale_factor again inside apply.
             scaled = directions if scale == 1.0 else [None if d is None else d * scale
                                                       for d in directions]
+            if context is not None:
+                # Keras all-reduces (SUM) what it is handed: d from replica 0 only (distribute.py).
+                scaled = distribute.first_replica_only(tf.distribute.get_replica_context(), scaled)
             super(PreconditionedOptimizer, self).apply(scaled, trainable_variables)
 
         def skip_step():
@@ -190,14 +222,19 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                          "untouched. Check the data and the loss, or lower the learning rate / raise "
                          "the damping."))
 
-        ops.cond(finite, take_step, skip_step)
+        curvatures = [c for _, c in stores]
+        if context is None:
+            ops.cond(finite, lambda: (count_taken(retries), take_step(directions, curvatures))[-1],
+                     skip_step)
+        else:
+            # Keras's apply is a merge_call, which cannot sit in a cond branch in replica context.
+            distribute.cond_across_replicas(context, finite, take_step, (directions, curvatures),
+                                            count_taken, (retries,), skip_step)
 
-    def _kl_clip(self, directions, grads):
+    def _kl_clip(self, directions, vdg):
+        """ν d with ν = min(1, sqrt(κ / (lr² ⟨d, g⟩))); `vdg` is ⟨d, g⟩ in float64."""
         if self.kl_clip is None:
             return directions
-        # Reduce in the variables' dtype, then combine the per-variable scalars in float64.
-        vdg = tf.add_n([tf.cast(tf.reduce_sum(d * tf.cast(g, d.dtype)), tf.float64)
-                        for d, g in zip(directions, grads) if d is not None])
         lr = tf.cast(self.learning_rate, tf.float64)
         # ⟨d, g⟩ > 0 in exact arithmetic (F + λI is positive definite); the floor only keeps a
         # rounding-level value from turning into a division by zero.
@@ -224,6 +261,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             block = self._blocks.get(id(layer))
             if block is None:
                 block = self._blocks[id(layer)] = self._make_block(layer)
+                block.state_listener = self._block_state_created  # restore and track its state
             _check_same_batch(layer, calls)
             pairs.append((block, calls))
             text = block.describe(calls[0].inputs.shape)
@@ -260,7 +298,11 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         return pairs
 
     def _output_gradients(self, record, pairs, loss_scale, fresh) -> dict[int, list[tf.Tensor]]:
-        """Per-sample output gradients Gᵢ = ∂ℓᵢ/∂zᵢ for every captured call, per block."""
+        """Per-sample output gradients Gᵢ = ∂ℓᵢ/∂zᵢ for every captured call, per block.
+
+        Built in the record's graph (the caller enters it), where `fresh` lives too.
+        Half-precision gradients (mixed precision) are returned in float32, the blocks' dtype.
+        """
         if not pairs:
             return {}
         if self.fisher == fisher.EMPIRICAL:
@@ -268,14 +310,24 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             # The backward pass gives wᵢ·∂ℓᵢ/∂zᵢ for a weighted loss; the Fisher weights samples as
             # the loss does, F = (1/m) Σ wᵢ uᵢuᵢᵀ, so the rows are rescaled by 1/√wᵢ.
             root_w = _root_sample_weight(record)
-            return {id(b): [_weighted_rows(c.output_grad * tf.cast(factor(c) / loss_scale,
-                                                                   c.output_grad.dtype),
-                                           root_w, divide=True)
-                            for c in calls] for b, calls in pairs}
-        if not record.loss_calls:
+            # The training loss was multiplied by our loss_scale_factor or, under mixed_float16, by
+            # the dynamic scale of the LossScaleOptimizer wrapping us (which sets ours to None);
+            # its backward pass carries the scale. Unscaled in float32: in float16 it would
+            # overflow exactly where the scale is large.
+            lso_scale = record.loss_scale_of(self)
+
+            def unscaled(c):
+                g = tf.cast(c.output_grad, _fisher_dtype(c.output_grad.dtype))
+                s = tf.cast(factor(c), g.dtype) / tf.constant(loss_scale, g.dtype)
+                return g * (s if lso_scale is None else s / tf.cast(lso_scale, g.dtype))
+
+            return {id(b): [_weighted_rows(unscaled(c), root_w, divide=True) for c in calls]
+                    for b, calls in pairs}
+        if not any(c.loss_grad is not None for c in record.loss_calls):
             raise BindingError(
                 "fisher='true' needs to see the loss to sample labels from the model's predictions, "
-                "but no keras.losses.Loss was called in this step. Compute the loss with a Keras "
+                "but no keras.losses.Loss was part of the differentiated loss in this step. "
+                "Compute the loss with a Keras "
                 "Loss object (model.compile(loss=...) does) in the same tf.function, or use "
                 "fisher='empirical'."
             )
@@ -286,28 +338,45 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 "tf.function, or use fisher='empirical'."
             )
         for call in record.loss_calls:
-            fisher.check_supported(call.loss)
+            if call.loss_grad is not None:  # a loss computed only for a metric need not be sampled
+                fisher.check_supported(call.loss)
         flat = [c for _, calls in pairs for c in calls]
         # The sampled backward pass is needed only on steps where some block refreshes its
         # curvature (1 in curvature_update_freq). A tf.cond cannot hold it (the gradient of tensors
         # computed outside a branch does not exist inside it), so the pass is gated with dataflow
-        # Switch/Merge instead: on other steps its ops receive a dead tensor and do not run.
+        # Switch/Merge instead: on other steps its seed gradient is a dead tensor, and every
+        # gradient op downstream of a dead input does not run. The gate must sit on the seed
+        # (grad_ys), not on the loss's input: the gradient of a Switch is a Merge with zeros, which
+        # would revive the whole backward pass on gated-off steps (the profile showed exactly that).
         gate = None if _tf_private.in_xla_context() else fresh
-        loss_calls = record.loss_calls if gate is None else [
-            dataclasses.replace(c, y_pred=tf.nest.map_structure(
-                lambda t: tf.raw_ops.Switch(data=t, pred=gate)[1], c.y_pred))
-            for c in record.loss_calls]
         record.frozen = True  # the identities keep the training gradients they hold
         try:
-            sampled = fisher.sampled_loss_sum(loss_calls, self.seed)
-            grads = tf.gradients(sampled, [c.preactivation for c in flat])
+            # In the loss's dtype, as Keras's Loss.__call__ computes the training loss (float32
+            # for float16 predictions under mixed precision).
+            loss_calls = [dataclasses.replace(c, y_pred=tf.nest.map_structure(
+                lambda t, c=c: tf.cast(t, c.loss.dtype), c.y_pred)) for c in record.loss_calls]
+            # Each loss's weight in the training loss came from its backward pass, which carries
+            # the loss scale like the output gradients do.
+            lso_scale = record.loss_scale_of(self)
+            unscale = tf.cast(loss_scale, tf.float64) * (
+                1.0 if lso_scale is None else tf.cast(lso_scale, tf.float64))
+            loss_calls = [c if c.loss_grad is None else dataclasses.replace(
+                c, loss_grad=tf.cast(c.loss_grad, tf.float64) / unscale) for c in loss_calls]
+            sampled = fisher.sampled_loss_sum(
+                loss_calls, fisher.step_key(self._resume_state.sampling_seed, self.iterations))
+            seed = None if gate is None else tf.raw_ops.Switch(data=tf.ones_like(sampled),
+                                                                pred=gate)[1]
+            grads = tf.gradients(sampled, [c.preactivation for c in flat], grad_ys=seed)
         finally:
             record.frozen = False
         if gate is not None:
             # Merge takes whichever input is alive: the sampled gradient, or zeros when gated off.
-            grads = [g if g is None else tf.raw_ops.Merge(
-                inputs=[tf.raw_ops.Switch(data=tf.zeros_like(g), pred=gate)[0], g])[0]
-                for g in grads]
+            # The zeros are shaped from the pre-activation, which is alive, not from g, which is
+            # dead when gated off: with a dynamic batch size nothing folds zeros_like(g) into a
+            # constant, and a dead Merge would kill the step.
+            grads = [g if g is None else tf.raw_ops.Merge(inputs=[tf.raw_ops.Switch(
+                data=tf.zeros_like(c.preactivation, dtype=g.dtype), pred=gate)[0], g])[0]
+                for c, g in zip(flat, grads)]
         by_call = {id(c): (tf.zeros_like(c.preactivation) if g is None else g)
                    for c, g in zip(flat, grads)}
         return {id(b): [by_call[id(c)] for c in calls] for b, calls in pairs}
@@ -330,6 +399,85 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             print_fn(text)
         return text
 
+    # ---- saving and resuming -------------------------------------------------------------------
+    # Keras saves `self.variables` by index (.keras files, save_weights, BackupAndRestore). The
+    # blocks' curvature state (TENGraD's cache, K-FAC's factors and inverses) is not among them: it
+    # is created at the first trace, after `build` and after a load. It is saved under extra keys
+    # "curvature_<i>_<field>", where i is the index of the block's kernel among the optimizer's
+    # variables (stable across processes and layer renames, like Keras's own indices). A load keeps
+    # the arrays pending until the block is bound, then the block is created from them. For
+    # tf.train.Checkpoint the same variables are tracked, under the same names, by a tf.Module
+    # child `_resume_state`; tracking them when they are created restores them if `restore()` was
+    # called before (TF's deferred restoration).
+    _STATE_PREFIX = "curvature_"
+    _SEED_KEY = "sampling_seed"
+
+    def _init_resume_state(self, seed):
+        # The true Fisher samples labels statelessly from (this seed, step). seed=None draws one
+        # as Keras does for its layers (Python's `random`, fixed by keras.utils.set_random_seed);
+        # it is saved with the optimizer, so a resumed run samples what the original one would.
+        base = random.randint(1, 10**9) if seed is None else int(seed)
+        self._pending_state: dict[str, dict[str, np.ndarray]] = {}
+        self._resume_state = tf.Module(name="resume_state")
+        with tf.init_scope():
+            self._resume_state.sampling_seed = tf.Variable(
+                base, dtype=tf.int64, trainable=False, name=self._SEED_KEY)
+
+    def _state_key(self, block) -> str:
+        return f"{self._STATE_PREFIX}{self._get_variable_index(block.variables[0])}"
+
+    def _block_state_created(self, block) -> None:
+        """Called by a block (eagerly, in tf.init_scope) once its state variables exist."""
+        key = self._state_key(block)
+        pending = self._pending_state.pop(key, None)
+        if pending is not None:
+            block.load_state(pending)
+        for field, variable in block.state_variables.items():
+            setattr(self._resume_state, f"{key}_{field}", variable)
+
+    def _saved_block_state(self) -> dict[str, dict[str, np.ndarray]]:
+        """{key: {field: array}} of every block, and of loaded state not yet bound to a block."""
+        state = {k: dict(v) for k, v in self._pending_state.items()}
+        for block in self._blocks.values():
+            variables = block.state_variables
+            if variables:
+                state[self._state_key(block)] = {f: v.numpy() for f, v in variables.items()}
+        return state
+
+    def save_own_variables(self, store):
+        super().save_own_variables(store)
+        store[self._SEED_KEY] = self._resume_state.sampling_seed.numpy()
+        for key, fields in self._saved_block_state().items():
+            for field, value in fields.items():
+                store[f"{key}_{field}"] = value
+
+    def load_own_variables(self, store):
+        keys = list(store.keys())
+        indexed = {k: store[k] for k in keys if k.isdigit()}
+        # Keras checks the count of its own (indexed) variables and skips the whole optimizer with
+        # a warning on a mismatch; the curvature is then skipped as well, never loaded alone.
+        super().load_own_variables(indexed)
+        if len(indexed) != len(self.variables):
+            return
+        if self._SEED_KEY in keys:
+            self._resume_state.sampling_seed.assign(store[self._SEED_KEY])
+        loaded: dict[str, dict[str, np.ndarray]] = {}
+        for k in keys:
+            if k.startswith(self._STATE_PREFIX):
+                index, field = k[len(self._STATE_PREFIX):].split("_", 1)
+                loaded.setdefault(f"{self._STATE_PREFIX}{index}", {})[field] = np.asarray(store[k])
+        self._pending_state = loaded
+        for block in self._blocks.values():
+            if not block.state_variables:
+                continue  # not built yet: it takes its pending state when it is
+            # A file without curvature (saved before it was saved) leaves the block to recompute
+            # on its next step, as a fresh one would; never the curvature of another step.
+            arrays = self._pending_state.pop(self._state_key(block), None)
+            if arrays is None:
+                block.reset_state()
+            else:
+                block.load_state(arrays)
+
     # ---- config ------------------------------------------------------------------------------
     def get_config(self):
         config = super().get_config()
@@ -344,19 +492,41 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         return config
 
 
-def _batch_mean_factor(record: capture.Record):
-    """m·R for losses averaged over the batch (Keras's default), 1·R for summed ones.
+def _fisher_dtype(dtype: tf.DType) -> tf.DType:
+    """float64 stays float64 (exact tests); everything else, float16/bfloat16 included, float32."""
+    return tf.float64 if dtype == tf.float64 else tf.float32
 
-    ∂ℓᵢ/∂zᵢ = m · (∂L/∂z)ᵢ when L is the batch mean; under tf.distribute Keras also divides the
-    loss by the R replicas in sync.
+
+def _inner_product(directions, grads) -> tf.Tensor:
+    """⟨d, g⟩ over every variable with a direction, as a float64 scalar.
+
+    Each variable is reduced in its own dtype; the per-variable sums are stacked per dtype and added
+    in float64 (one cast per dtype rather than one per variable: a step's op count is its cost on
+    small models)."""
+    sums: dict[tf.DType, list[tf.Tensor]] = {}
+    for d, g in zip(directions, grads):
+        if d is not None:
+            sums.setdefault(d.dtype, []).append(tf.reduce_sum(d * tf.cast(g, d.dtype)))
+    if not sums:
+        return tf.constant(0.0, tf.float64)
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.stack(s), tf.float64)) for s in sums.values()])
+
+
+def _batch_mean_factor(record: capture.Record):
+    """m·R for losses averaged over the batch (Keras's default), 1 for summed ones.
+
+    ∂ℓᵢ/∂zᵢ = m · (∂L/∂z)ᵢ when L is the mean over the m samples of the replica's batch; under
+    tf.distribute a Keras Loss also divides such a mean by the R replicas in sync
+    (keras.losses.loss.reduce_values), but leaves a summed loss as it is.
     """
     summed = any(getattr(c.loss, "reduction", None) == "sum" for c in record.loss_calls)
     replica = tf.distribute.get_replica_context()
     replicas = replica.num_replicas_in_sync if replica is not None else 1
 
     def factor(call):
-        m = 1 if summed else tf.shape(call.output_grad)[0]
-        return tf.cast(m * replicas, tf.float32)
+        if summed:
+            return tf.constant(1.0, tf.float32)
+        return tf.cast(tf.shape(call.output_grad)[0] * replicas, tf.float32)
 
     return factor
 
@@ -427,6 +597,19 @@ def validate_common(args: dict[str, Any]) -> None:
     check("kl_clip", kl, kl is None or (is_number(kl) and kl > 0), "expected None or a float > 0")
     check("max_consecutive_skips", args["max_consecutive_skips"],
           is_int(args["max_consecutive_skips"], 1), "expected an int >= 1")
+    check("seed", args["seed"], args["seed"] is None or is_int(args["seed"], 0),
+          "expected None or an int >= 0")
+    # Keras's base optimizer accepts any value for these and fails (or misbehaves) only later.
+    for name in ("clipnorm", "clipvalue", "global_clipnorm", "loss_scale_factor"):
+        value = args[name]
+        check(name, value, value is None or (is_number(value) and value > 0),
+              "expected None or a float > 0")
+    check("use_ema", args["use_ema"], isinstance(args["use_ema"], bool), "expected True or False")
+    ema = args["ema_momentum"]
+    check("ema_momentum", ema, is_number(ema) and 0 <= ema <= 1, "expected a float in [0, 1]")
+    freq = args["ema_overwrite_frequency"]
+    check("ema_overwrite_frequency", freq, freq is None or is_int(freq, 1),
+          "expected None or an int >= 1")
     gas = args["gradient_accumulation_steps"]
     check("gradient_accumulation_steps", gas, gas is None,
           "the curvature is that of one batch, so gradient accumulation is not supported; "

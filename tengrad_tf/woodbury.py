@@ -11,14 +11,16 @@ Numerics: the m × m work (symmetrization, Cholesky, triangular solves) runs in 
 subtraction v − U(…)⁻¹Uᵀv loses the small-λ part of the direction and ⟨d, g⟩ can even turn negative
 (the authors' code crashed this way on 3C1F at λ = 1e-3). The d-sized vectors stay in the model's
 float32. If the Cholesky factor is not finite (Gram with NaN/Inf is the caller's job; this handles
-a matrix that rounding made indefinite), the factorization is retried with λ multiplied by 10, up to
-`max_retries` times, and the λ actually used is returned so the solve stays consistent with it.
+a matrix that rounding made indefinite), the factorization is retried with λ multiplied by 10, the
+first retry going at least to m·λ = 100·ε·tr(K) (ε of the Gram's dtype), up to `max_retries` times,
+and the λ actually used is returned so the solve stays consistent with it.
 """
 
 from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import numpy as np
 import tensorflow as tf
 
 SOLVE_DTYPE = tf.float64
@@ -32,8 +34,12 @@ class DampedGram(NamedTuple):
     retries: tf.Tensor  # scalar int32: how many times λ had to be raised
 
 
-def factorize(gram: tf.Tensor, damping, max_retries: int = 6) -> DampedGram:
-    """Cholesky factor of (m·λ·I + K) in float64, raising λ tenfold while the factor is not finite."""
+def factorize(gram: tf.Tensor, damping, max_retries: int = 6, jit: bool = False) -> DampedGram:
+    """Cholesky factor of (m·λ·I + K) in float64, raising λ tenfold while the factor is not finite.
+
+    `jit`: compile this with XLA (see `_factorize_xla` at the end of the module)."""
+    if jit:
+        return DampedGram(*_factorize_xla(gram, damping, max_retries))
     k = tf.cast(gram, SOLVE_DTYPE)
     k = 0.5 * (k + tf.transpose(k))  # K is symmetric in exact arithmetic; float32 rounding is not
     m = tf.cast(tf.shape(k)[0], SOLVE_DTYPE)
@@ -50,8 +56,14 @@ def factorize(gram: tf.Tensor, damping, max_retries: int = 6) -> DampedGram:
     def cond(retries, lam, chol):
         return tf.logical_and(retries < max_retries, not_finite(chol))
 
+    # Rounding in forming K (in the factors' dtype) can make it indefinite by ~ε·‖K‖ ≤ ε·tr(K).
+    # A λ far below that (1e-30, or duplicated samples at 1e-20) would not recover in a few 10×
+    # steps, so the first retry goes at least to m·λ = 100·ε·tr(K), which covers that rounding.
+    eps = 100.0 * float(np.finfo(gram.dtype.as_numpy_dtype).eps)
+    floor = tf.cast(eps, SOLVE_DTYPE) * tf.linalg.trace(k) / m
+
     def body(retries, lam, chol):
-        lam = lam * 10.0
+        lam = tf.maximum(lam * 10.0, floor)
         return retries + 1, lam, attempt(lam)
 
     retries, lam, chol = tf.while_loop(
@@ -65,9 +77,69 @@ def inverse_times(
     u_transpose_v: tf.Tensor,
     u_times: Callable[[tf.Tensor], tf.Tensor],
     damped: DampedGram,
+    jit: bool = False,
 ) -> tf.Tensor:
-    """(λI + (1/m)UUᵀ)⁻¹ v, given Uᵀv (m,) and a function s ↦ U s (shaped like v)."""
-    b = tf.cast(u_transpose_v, SOLVE_DTYPE)[:, None]
-    c = tf.linalg.cholesky_solve(damped.cholesky, b)[:, 0]
+    """(λI + (1/m)UUᵀ)⁻¹ v, given Uᵀv (m, 1) and a function s ↦ U s (s: (m, 1); the result is
+    shaped like v). Columns, not vectors: no reshapes between the two triangular solves and U.
+
+    `jit`: the m × m triangular solves are compiled with XLA (U s and Uᵀv are not)."""
+    b = tf.cast(u_transpose_v, SOLVE_DTYPE)
+    c = (_cholesky_solve_xla if jit else tf.linalg.cholesky_solve)(damped.cholesky, b)
     correction = u_times(tf.cast(c, v.dtype))
     return (v - correction) / tf.cast(damped.damping, v.dtype)
+
+
+class DampedInverse(NamedTuple):
+    """The explicit (F + λ'I)⁻¹ of a small block and the λ' it was built with."""
+
+    matrix: tf.Tensor  # (d, d), float64
+    damping: tf.Tensor  # scalar float64
+    retries: tf.Tensor  # scalar int32
+
+
+def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedInverse:
+    """(F + λI)⁻¹ with F = (1/m) Σᵢ uᵢuᵢᵀ, for the per-sample gradients uᵢ as the rows (m, d).
+
+    By whichever solve is cheaper: with m ≥ d samples, directly, (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹
+    (a d × d Cholesky, d³/3); with fewer, through the Woodbury identity with the m × m Gram,
+    (F + λI)⁻¹ = (I − Uᵀ(UUᵀ + mλI)⁻¹U) / λ. Forming the d × d result costs m·d² either way.
+    """
+    u = tf.cast(rows, SOLVE_DTYPE)
+    m, d = tf.shape(u)[0], tf.shape(u)[1]
+    m_float = tf.cast(m, SOLVE_DTYPE)
+
+    def direct():
+        # factorize damps with (its matrix's size)·λ; scale λ so that this is m·λ.
+        damped = factorize(tf.matmul(u, u, transpose_a=True),
+                           _as_solve_dtype(damping) * m_float / tf.cast(d, SOLVE_DTYPE),
+                           max_retries)
+        lam = damped.damping * tf.cast(d, SOLVE_DTYPE) / m_float
+        inverse = m_float * tf.linalg.cholesky_solve(damped.cholesky, tf.eye(d, dtype=SOLVE_DTYPE))
+        return inverse, lam, damped.retries
+
+    def through_gram():
+        damped = factorize(tf.matmul(u, u, transpose_b=True), damping, max_retries)
+        correction = tf.matmul(u, tf.linalg.cholesky_solve(damped.cholesky, u), transpose_a=True)
+        return (tf.eye(d, dtype=SOLVE_DTYPE) - correction) / damped.damping, damped.damping, \
+            damped.retries
+
+    inverse, lam, retries = tf.cond(m >= d, direct, through_gram)
+    return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, retries)
+
+
+def _as_solve_dtype(damping) -> tf.Tensor:
+    # convert_to_tensor, not cast: tf.cast(0.05, float64) goes through float32 and rounds λ.
+    return tf.cast(tf.convert_to_tensor(damping, dtype_hint=SOLVE_DTYPE), SOLVE_DTYPE)
+
+
+# ---- XLA for the m × m work (TENGraD's jit_solve) ----------------------------------------------
+# Only the m × m part is compiled: symmetrization, damping, Cholesky with its retry loop, and the
+# triangular solves. Inside a step that is not compiled (jit_compile=False), XLA fuses these small
+# ops into a few kernels and keeps the retry loop on the device; the d-sized products with U stay
+# TensorFlow's. Traced once per (damping, max_retries); XLA compiles once per Gram size m (a
+# dynamic batch size costs one compilation per distinct size, e.g. a smaller last batch). Inside a
+# step compiled as a whole (jit_compile=True) these calls are simply part of that compilation.
+_factorize_xla = tf.function(lambda gram, damping, max_retries: tuple(
+    factorize(gram, damping, max_retries)), jit_compile=True, reduce_retracing=True)
+_cholesky_solve_xla = tf.function(tf.linalg.cholesky_solve, jit_compile=True,
+                                  reduce_retracing=True)

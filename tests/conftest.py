@@ -38,3 +38,19 @@ def fixed_sampled_labels(monkeypatch):
 
     monkeypatch.setattr(fisher, "sample_labels", sample)
     return labels
+
+
+@pytest.fixture(autouse=True)
+def _factored_caches(monkeypatch, request):
+    """Tiny test layers would all cache their explicit inverse (blocks.base.DIRECT_MAX_DIM); the
+    exactness tests are about the factored Woodbury caches that real layers use, so they are the
+    default here. Tests of the small-block path take the `direct_inverse` fixture."""
+    from tengrad_tf.blocks import base
+
+    if "direct_inverse" not in request.fixturenames:
+        monkeypatch.setattr(base, "DIRECT_MAX_DIM", 0)
+
+
+@pytest.fixture
+def direct_inverse():
+    """Keep blocks.base.DIRECT_MAX_DIM at its default: small blocks cache (F + λI)⁻¹."""

@@ -42,20 +42,38 @@ def layer_blocks(model):
     return out
 
 
-def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, sample_weight=None):
+def penalty_gradients(model, penalty, variables):
+    """{variable path: gradient} of a scalar penalty(model) (e.g. an explicit L2 on a kernel)."""
+    with tf.GradientTape() as tape:
+        value = penalty(model)
+    grads = tape.gradient(value, variables)
+    return {v.path: np.zeros(int(np.prod(v.shape))) if g is None
+            else np.reshape(g.numpy().astype(np.float64), -1) for v, g in zip(variables, grads)}
+
+
+def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, sample_weight=None,
+                         penalty=None):
     """{variable path: natural-gradient direction}, blocks for Dense/Conv layers, d = g elsewhere.
 
     g is the mean gradient at the training labels `y_true`; the Fisher uses per-sample gradients at
     `y_fisher` (the training labels for the empirical Fisher, sampled labels for the true one).
     With `sample_weight` w: g = (1/m) Σ wᵢ uᵢ (Keras's weighted batch mean) and
     F = (1/m) Σ wᵢ uᵢuᵢᵀ (samples weighted as the loss weights them).
+    With `penalty` (a callable model → scalar, e.g. weight regularization): its gradient is added
+    to g but is not part of any per-sample gradient, so F comes from the loss alone:
+    d = (F + λI)⁻¹ (g_loss + g_penalty).
+    `x` and the labels may be lists (multi-input / multi-output models); m comes from the losses.
     """
     variables = model.trainable_variables
     g_per = per_sample_gradients(model, x, y_true, per_sample_loss, variables)
     u_per = g_per if y_fisher is y_true else per_sample_gradients(
         model, x, y_fisher, per_sample_loss, variables)
-    w = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
+    m = next(iter(g_per.values())).shape[0]
+    w = np.ones(m) if sample_weight is None else np.asarray(sample_weight, np.float64)
     g = {p: (v * w[:, None]).mean(axis=0) for p, v in g_per.items()}
+    if penalty is not None:
+        extra = penalty_gradients(model, penalty, variables)
+        g = {p: v + extra[p] for p, v in g.items()}
     u_per = {p: v * np.sqrt(w)[:, None] for p, v in u_per.items()}
     directions = dict(g)
     for kernel, bias in layer_blocks(model):

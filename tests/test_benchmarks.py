@@ -198,3 +198,27 @@ def test_from_json_rerenders_table_and_plot(tmp_path):
 def test_update_readme_finds_the_table():
     from benchmarks import update_readme
     assert update_readme.extra_tables()["time_to_accuracy"] is tta.markdown_table
+
+
+# ----------------------------------------------------------------------------- memory.py
+
+
+def test_memory_benchmark_quick_run_writes_json_and_table(tmp_path):
+    """benchmarks/memory.py on a small MLP, one configuration, one step: the worker subprocess,
+    the JSON fields and the README table (the real run is 3C1F at batch 128, see its docstring)."""
+    from benchmarks import memory, update_readme
+
+    report = memory.main(["--model", "mlp", "--optimizers", "tengrad-empirical", "--warmup", "1",
+                          "--steps", "1", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "memory.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in ("date", "machine", "commit", "command", "method", "model", "batch", "results"):
+        assert key in on_disk
+    (row,) = on_disk["results"]
+    assert row["optimizer"] == "tengrad-empirical" and row["skipped_steps"] == 0
+    # Building the model already holds hundreds of MiB (TensorFlow); the step's state is on top.
+    assert row["baseline_rss_mib"] > 100 and row["peak_mib"] > 0
+    assert row["peak_mib"] >= max(row["first_steps_peak_mib"], row["rss_after_mib"]) - 1e-9
+    md = (tmp_path / "memory.md").read_text()
+    assert md == memory.markdown_table(on_disk) and "| tengrad-empirical |" in md
+    assert update_readme.TABLES["memory"](on_disk) == md

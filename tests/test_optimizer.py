@@ -348,19 +348,121 @@ def test_xla_with_a_static_batch_is_exact(float64):
         np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
 
 
-def test_xla_in_fit_fails_with_a_clear_message():
+def test_xla_in_fit_without_max_batch_size_says_what_to_do():
+    """fit traces its step with an unknown batch size; XLA cannot resize the cache variables."""
     from tengrad_tf.blocks import XlaCacheError
 
     model = mlp()
     x, y = data(20)
     model.compile(optimizer=TENGraD(fisher="empirical"), loss=sce(), jit_compile=True)
-    with pytest.raises(XlaCacheError, match="jit_compile=False"):
+    with pytest.raises(XlaCacheError, match=r"max_batch_size=<your batch_size>.*jit_compile=False"):
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
-def test_first_step_mid_reuse_window_computes_curvature(float64):
-    """A restored optimizer (iterations not a multiple of the frequency) has no cached curvature:
-    its first step must compute it, not precondition with an empty cache."""
+def _fit_weights(init, x, y, jit_compile, epochs=2, **kw):
+    model = mlp()
+    model.set_weights(init)
+    opt = TENGraD(learning_rate=0.1, damping=0.05, momentum=0.5, curvature_update_freq=2, seed=1,
+                  **kw)
+    model.compile(optimizer=opt, loss=sce(), jit_compile=jit_compile)
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0)
+    return np.concatenate([w.ravel() for w in model.get_weights()]), opt
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+def test_xla_fit_with_max_batch_size_matches_the_uncompiled_run(float64, monkeypatch, fisher_type):
+    """compile(jit_compile=True) + fit with max_batch_size: the cache holds 8 samples and the last
+    batch of each epoch (20 = 8 + 8 + 4) is zero-padded. Two epochs with curvature reuse and momentum
+    give the weights of the run without XLA and with a dynamic cache, to rounding."""
+    # Labels that are a function of the predictions: "sampled" alike in both runs, and ≠ y.
+    monkeypatch.setattr(fisher, "sample_labels", lambda loss, y_pred, seed=None: tf.argmin(
+        y_pred, axis=-1, output_type=tf.int32))
+    init = mlp().get_weights()
+    x, y = data(20)
+    expected, plain_opt = _fit_weights(init, x, y, jit_compile=False, fisher=fisher_type)
+    got, opt = _fit_weights(init, x, y, jit_compile=True, fisher=fisher_type, max_batch_size=8)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+    assert int(opt.iterations.numpy()) == 6
+    for block in opt._blocks.values():
+        assert block.state_variables["cholesky"].shape == (8, 8)  # fixed capacity
+    for block in plain_opt._blocks.values():
+        assert block.state_variables["cholesky"].shape.as_list() == [None, None]  # dynamic
+
+
+def test_xla_batch_larger_than_max_batch_size_is_refused():
+    x, y = data(12)
+    for samples, jit, error, message in (
+            (8, False, ValueError, "max_batch_size=4"),  # batches of 8 rows: static, at trace
+            (12, False, tf.errors.InvalidArgumentError, "max_batch_size=4"),  # 8 + 4: at run time
+            # XLA drops the run-time assertion; its compile-time shape check names the fix.
+            (12, True, tf.errors.InvalidArgumentError, "capacity_4_raise_max_batch_size")):
+        model = mlp()
+        model.compile(optimizer=TENGraD(fisher="empirical", max_batch_size=4), loss=sce(),
+                      jit_compile=jit)
+        with pytest.raises(error, match=message):
+            model.fit(x[:samples], y[:samples], batch_size=8, epochs=1, verbose=0)
+
+
+def test_xla_jit_solve_gives_the_exact_step(float64, monkeypatch):
+    """jit_solve=True compiles the m × m factorization and solves with XLA inside a step that is
+    not compiled: the same exact natural gradient as the reference, and, over a reuse step, the
+    same weights as jit_solve=False."""
+    from tengrad_tf import woodbury
+
+    used = []  # which compiled functions the traced step calls
+    for name in ("_factorize_xla", "_cholesky_solve_xla"):
+        compiled = getattr(woodbury, name)
+        monkeypatch.setattr(woodbury, name, lambda *a, f=compiled, n=name: used.append(n) or f(*a))
+    m, lr, damping = 8, 0.125, 0.05
+    model = mlp()
+    x, y = data(m)
+    expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
+    before = weights(model)
+    model.compile(optimizer=plain(learning_rate=lr, damping=damping, fisher="empirical",
+                                  jit_solve=True), loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    assert {"_factorize_xla", "_cholesky_solve_xla"} <= set(used)
+    after = weights(model)
+    for path, d in expected.items():
+        np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12)
+
+    init = mlp().get_weights()
+    x, y = data(20)
+    with_jit, _ = _fit_weights(init, x, y, jit_compile=False, fisher="empirical", jit_solve=True)
+    used.clear()
+    without, _ = _fit_weights(init, x, y, jit_compile=False, fisher="empirical", jit_solve=False)
+    assert not used
+    np.testing.assert_allclose(with_jit, without, rtol=1e-10, atol=1e-13)
+
+
+def test_xla_jit_solve_auto_means_gpu(monkeypatch):
+    """"auto" is decided when the step is traced: XLA for the solve iff TensorFlow sees a GPU."""
+    for devices, want in (([], False), (["/device:GPU:0"], True)):
+        monkeypatch.setattr(tf.config, "list_logical_devices", lambda kind=None: devices)
+        assert TENGraD().resolved_jit_solve() is want
+        assert TENGraD(jit_solve=not want).resolved_jit_solve() is (not want)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(jit_solve="yes"), "jit_solve"), (dict(jit_solve=1), "jit_solve"),
+    (dict(max_batch_size=0), "max_batch_size"), (dict(max_batch_size=8.0), "max_batch_size"),
+])
+def test_xla_arguments_are_validated(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        TENGraD(**kwargs)
+
+
+def test_xla_arguments_are_serialized():
+    opt = TENGraD(jit_solve=False, max_batch_size=64)
+    restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+    assert (restored.jit_solve, restored.max_batch_size) == (False, 64)
+
+
+def test_file_without_curvature_loads_and_its_first_step_computes_it(float64):
+    """A file saved before the curvature was saved (only Keras's indexed variables) still loads.
+    The optimizer then resumes in the middle of a reuse window with nothing cached: its first step
+    must compute the curvature, not precondition with an empty cache. (Files saved now carry the
+    curvature, and resume without recomputing it: tests/test_resume.py.)"""
     m, lr, damping = 8, 0.125, 0.05
     model = mlp()
     x, y = data(m)
@@ -368,7 +470,12 @@ def test_first_step_mid_reuse_window_computes_curvature(float64):
     before = weights(model)
     opt = plain(learning_rate=lr, damping=damping, fisher="empirical", curvature_update_freq=4)
     opt.build(model.trainable_variables)
-    opt.iterations.assign(6)
+    store = {}
+    opt.save_own_variables(store)
+    old_file = {k: v for k, v in store.items() if k.isdigit()}
+    old_file[str(opt.variables.index(opt.iterations))] = np.asarray(6)
+    opt.load_own_variables(old_file)
+    assert int(opt.iterations.numpy()) == 6
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     after = weights(model)
@@ -394,3 +501,35 @@ def test_sample_weights_weight_the_fisher_like_the_loss(float64, fixed_sampled_l
     for path, d in expected.items():
         np.testing.assert_allclose(after[path], before[path] - lr * d, rtol=1e-9, atol=1e-12,
                                    err_msg=path)
+
+
+@pytest.mark.parametrize("samples, epochs, expected", [
+    (8, 7, 7 + 3),  # static batch: 7 steps, curvature at steps 0, 3, 6
+    (20, 2, 6 + 2),  # batches 8, 8, 4 (dynamic batch size): 6 steps, curvature at 0, 3
+])
+def test_true_fisher_backward_pass_runs_only_on_curvature_update_steps(samples, epochs, expected):
+    """The sampled backward pass is gated off between curvature updates (a profile once showed it
+    running every step: the gradient of a Switch revived it). A layer whose gradient counts its own
+    executions sees one backward pass per step plus one per curvature update."""
+    counter = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    class CountBackward(keras.layers.Layer):
+        def call(self, x):
+            @tf.custom_gradient
+            def identity(x):
+                def grad(dy):
+                    # The increment reads dy's values (not only its static shape, which grappler
+                    # would fold away), so it runs exactly when this gradient is computed.
+                    total = tf.reduce_sum(dy)
+                    count = counter.assign_add(tf.cast(tf.equal(total, total), tf.int64))
+                    with tf.control_dependencies([count]):
+                        return tf.identity(dy)
+                return tf.identity(x), grad
+            return identity(x)
+
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                              CountBackward(), keras.layers.Dense(3)])
+    model.compile(optimizer=TENGraD(fisher="true", curvature_update_freq=3), loss=sce())
+    x, y = data(samples)
+    model.fit(x, y, batch_size=8, epochs=epochs, shuffle=False, verbose=0)
+    assert int(counter.numpy()) == expected  # training passes + sampled passes

@@ -12,8 +12,8 @@ def test_matches_dense_solve_at_small_damping():
     v = rng.normal(size=40)
     for lam in (1e-1, 1e-3, 1e-6):
         damped = woodbury.factorize(tf.constant(u.T @ u), lam)
-        d = woodbury.inverse_times(tf.constant(v), tf.constant(u.T @ v),
-                                   lambda s: tf.linalg.matvec(tf.constant(u), s), damped)
+        d = woodbury.inverse_times(tf.constant(v), tf.constant(u.T @ v)[:, None],
+                                   lambda s: tf.linalg.matvec(tf.constant(u), s[:, 0]), damped)
         want = np.linalg.solve(u @ u.T / 6 + lam * np.eye(40), v)
         np.testing.assert_allclose(d.numpy(), want, rtol=1e-6 if lam < 1e-4 else 1e-9)
 
@@ -29,3 +29,14 @@ def test_indefinite_gram_is_refactorized_with_more_damping():
 def test_float32_gram_does_not_round_the_damping():
     damped = woodbury.factorize(tf.eye(3, dtype=tf.float32), 0.05)
     assert float(damped.damping) == 0.05
+
+
+def test_explicit_inverse_by_either_solve_matches_a_dense_inverse():
+    rng = np.random.default_rng(2)
+    for m, d in ((30, 12), (5, 12)):  # direct d × d solve, then Woodbury with the m × m Gram
+        u = rng.normal(size=(m, d))
+        for lam in (1e-1, 1e-4):
+            inverse = woodbury.explicit_inverse(tf.constant(u), lam)
+            want = np.linalg.inv(u.T @ u / m + lam * np.eye(d))
+            np.testing.assert_allclose(inverse.matrix.numpy(), want, rtol=1e-8, atol=1e-10 / lam)
+            assert float(inverse.damping) == lam and int(inverse.retries) == 0

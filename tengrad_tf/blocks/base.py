@@ -18,9 +18,10 @@ import abc
 import enum
 import math
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tengrad_tf import _tf_private, woodbury
+from tengrad_tf import _tf_private, distribute, woodbury
 from tengrad_tf.blocks import per_sample
 
 _BYTES = 4  # float32; float64 models double it, which the budget check below ignores
@@ -35,6 +36,44 @@ def as_rows(x: tf.Tensor, width: int) -> tf.Tensor:
     return tf.reshape(x, [-1 if p != -1 else tf.shape(x)[0], p, width])
 
 
+def once_per_step(memo: dict, step, compute):
+    """`compute(step)`, built once per traced step and then reused from `memo`.
+
+    The core hands a block the same step tensor in needs_output_grads, curvature and commit; without
+    this, each call rebuilt the same schedule ops (benchmarks/profile_step.py counted about 50 of
+    them on the MLP, a sixth of a reuse step's ops). A tensor of an enclosing graph can be used inside
+    a cond branch (TF captures it); one from an earlier trace cannot, hence the graph check.
+    """
+    hit = memo.get("value")
+    if hit is not None and hit[0] is step and _visible_here(tf.nest.flatten(hit[1])[0]):
+        return hit[1]
+    value = compute(step)
+    memo["value"] = (step, value)
+    return value
+
+
+def _visible_here(t) -> bool:
+    if not tf.is_symbolic_tensor(t):
+        return tf.executing_eagerly()
+    graph = tf.compat.v1.get_default_graph()
+    while graph is not None:
+        if graph is t.graph:
+            return True
+        graph = getattr(graph, "outer_graph", None)
+    return False
+
+
+def assign_on_every_replica(variable: tf.Variable, value) -> None:
+    """`variable.assign(value)` on every local replica's copy.
+
+    A block's saved state is restored while a step is traced in one replica's context (under
+    tf.distribute), where the assign of a replica-local variable would set that replica's copy only.
+    Without a strategy this is a plain assign.
+    """
+    for local in tf.distribute.get_strategy().experimental_local_results(variable):
+        local.assign(value)
+
+
 class XlaCacheError(RuntimeError):
     """Under XLA the curvature cache needs a batch size that is static when the step is traced."""
 
@@ -42,6 +81,15 @@ class XlaCacheError(RuntimeError):
 class CacheKind(str, enum.Enum):
     FACTORS = "factors"  # Â (m, P, D_in) and G (m, P, D_out)
     PER_SAMPLE = "per-sample gradients"  # J (m, D_in, D_out)
+    INVERSE = "the explicit inverse (F + λI)⁻¹"  # (d, d), d = D_in·D_out: small blocks only
+
+
+#: Blocks with at most this many parameters (d = D_in·D_out) cache the explicit d × d inverse
+#: (F + λI)⁻¹, float64, at most 8 MiB: it is computed on update steps by a direct d × d Cholesky
+#: when the batch has at least d samples (cheaper than the m × m Woodbury solve then) and through
+#: Woodbury otherwise, and a step between updates is one d × d product instead of the factored
+#: Uᵀv, solve and U s. Tests set it to 0 to exercise the factored caches on tiny layers.
+DIRECT_MAX_DIM = 1024
 
 
 class FisherBlock(abc.ABC):
@@ -53,15 +101,24 @@ class FisherBlock(abc.ABC):
     kind: str = "block"
 
     def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
-                 damping: float = 0.1, update_freq: int = 1, max_retries: int = 6):
+                 damping: float = 0.1, update_freq: int = 1, max_retries: int = 6,
+                 jit_solve: bool = False, max_batch_size: int | None = None):
         self.layer = layer
         self.memory_budget = int(memory_budget)
         self.damping = damping
         self.update_freq = update_freq
         self.max_retries = max_retries
+        # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
+        # (_ensure_cache): TENGraD's jit_solve and max_batch_size.
+        self.jit_solve = bool(jit_solve)
+        self.max_batch_size = max_batch_size
         self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
         self._cache: dict[str, tf.Variable] | None = None
         self._capacity: int | None = None
+        self._schedule_memo: dict = {}
+        # Set by the optimizer: called with this block once its cache exists (to restore it from a
+        # saved optimizer and track it for checkpoints).
+        self.state_listener = None
 
     # ---- what a subclass provides ---------------------------------------------------------------
     @classmethod
@@ -123,13 +180,17 @@ class FisherBlock(abc.ABC):
 
     def to_matrix(self, grads: list[tf.Tensor]) -> tf.Tensor:
         """Kernel and bias gradients (or directions) as one (D_in, D_out) matrix, bias last."""
-        kernel = tf.reshape(tf.cast(grads[0], self.dtype), [self.kernel_rows, self.d_out])
+        kernel = tf.cast(grads[0], self.dtype)
+        if kernel.shape.rank != 2:  # convolutions; a Dense kernel is the matrix already
+            kernel = tf.reshape(kernel, [self.kernel_rows, self.d_out])
         if self.has_bias:
             kernel = tf.concat([kernel, tf.cast(grads[1], self.dtype)[None, :]], axis=0)
         return kernel
 
     def from_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
-        kernel = tf.reshape(matrix[: self.kernel_rows], self.layer.kernel.shape)
+        kernel = matrix[: self.kernel_rows] if self.has_bias else matrix
+        if len(self.layer.kernel.shape) != 2:
+            kernel = tf.reshape(kernel, self.layer.kernel.shape)
         out = [tf.cast(kernel, self.layer.kernel.dtype)]
         if self.has_bias:
             out.append(tf.cast(matrix[self.kernel_rows], self.layer.bias.dtype))
@@ -139,7 +200,10 @@ class FisherBlock(abc.ABC):
     def cache_kind(self, p: int | None) -> CacheKind:
         """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample.
 
-        P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors."""
+        P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors.
+        Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead."""
+        if self.d_in * self.d_out <= DIRECT_MAX_DIM:
+            return CacheKind.INVERSE
         if p is None or p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
             return CacheKind.FACTORS
         return CacheKind.PER_SAMPLE
@@ -172,7 +236,10 @@ class FisherBlock(abc.ABC):
         p = self.positions(inputs_shape)
         cache = self.cache_kind(p)
         threshold = self.factored_threshold(p, cache)
-        if threshold == math.inf:
+        if cache is CacheKind.INVERSE:
+            route = (f"direct {self.d_in * self.d_out}×{self.d_in * self.d_out} solve when the "
+                     f"batch has at least {self.d_in * self.d_out} samples, else Woodbury")
+        elif threshold == math.inf:
             route = "Gram route F"
         elif threshold < 1:
             route = "Gram route E"
@@ -187,54 +254,124 @@ class FisherBlock(abc.ABC):
     def _build_cache(self, cache: CacheKind, p: int, capacity: int | None) -> None:
         """Create the cache variables.
 
-        With a static batch size at the first trace (`fit` traces on a concrete first batch) the
-        cache holds `capacity` samples and smaller batches are zero-padded: padded samples are zero
-        rows of U and the solve gives them zero weight, so this is exact. XLA needs it, because a
-        variable's shape cannot change under XLA. Without a static batch size the sample dimension
-        is dynamic instead (any batch size, but no XLA).
+        With `max_batch_size`, or a static batch size at the first trace (a custom step traced on
+        fixed shapes, or a dataset batched with drop_remainder=True), the cache holds `capacity`
+        samples and smaller batches are zero-padded: padded samples are zero rows of U and the
+        solve gives them zero weight, so this is exact. XLA needs it, because a variable's shape
+        cannot change under XLA. Otherwise (`fit` traces with an unknown batch size) the sample
+        dimension is dynamic (any batch size, but no XLA).
         """
         self._capacity = capacity
-        dims = {"a": [capacity, p, self.d_in], "g": [capacity, p, self.d_out],
-                "j": [capacity, self.d_in, self.d_out], "cholesky": [capacity, capacity]}
-        names = ["a", "g"] if cache is CacheKind.FACTORS else ["j"]
+        rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
+        dims = {"a": rows + [self.d_in], "g": rows + [self.d_out],
+                "j": [capacity, self.d_in, self.d_out], "cholesky": [capacity, capacity],
+                "inverse": [self.d_in * self.d_out] * 2}
+        names = {CacheKind.FACTORS: ["a", "g"], CacheKind.PER_SAMPLE: ["j"],
+                 CacheKind.INVERSE: []}[cache]
 
         def var(name, dtype):
             shape = dims[name]
             initial = [0 if d is None else d for d in shape]
             return tf.Variable(tf.zeros(initial, dtype), shape=tf.TensorShape(shape),
-                               trainable=False, name=f"{self.layer.name}_{name}")
+                               trainable=False, name=f"{self.layer.name}_{name}",
+                               **distribute.REPLICA_LOCAL)
 
         with tf.init_scope():
             state = {n: var(n, self.dtype) for n in names}
-            state["cholesky"] = var("cholesky", woodbury.SOLVE_DTYPE)
+            solve_state = "inverse" if cache is CacheKind.INVERSE else "cholesky"
+            state[solve_state] = var(solve_state, woodbury.SOLVE_DTYPE)
             state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
-                                           name=f"{self.layer.name}_damping")
+                                           name=f"{self.layer.name}_damping",
+                                           **distribute.REPLICA_LOCAL)
             # False until curvature is first stored: a fresh or restored optimizer that starts in
             # the middle of a reuse window must not precondition with an empty cache.
-            self._filled = tf.Variable(False, trainable=False, name=f"{self.layer.name}_filled")
+            # Replica-local (tf.distribute): every replica writes the same values to its own copy.
+            self._filled = tf.Variable(False, trainable=False, name=f"{self.layer.name}_filled",
+                                       **distribute.REPLICA_LOCAL)
         self._cache = state
+        if self.state_listener is not None:
+            with tf.init_scope():
+                self.state_listener(self)
+
+    # ---- saving and restoring (PreconditionedOptimizer.save_own_variables) ---------------------
+    @property
+    def state_variables(self) -> dict[str, tf.Variable]:
+        """The cache ("a" and "g" or "j", with "cholesky"; or "inverse"; "damping") and "filled";
+        {} before the first trace."""
+        if self._cache is None:
+            return {}
+        return {**self._cache, "filled": self._filled}
+
+    def reset_state(self) -> None:
+        """Forget the cache: the next step computes fresh curvature."""
+        assign_on_every_replica(self._filled, False)
+
+    def load_state(self, arrays: dict) -> None:
+        """Set the cache from saved arrays (eagerly). A cache saved with another capacity (the first
+        batch size, when static) is re-padded exactly as `_to_capacity` pads a smaller batch."""
+        fields = set(self.state_variables)
+        mismatch = (f"layer '{self.layer.name}': the saved curvature does not fit this block "
+                    "(the saved optimizer belongs to another model, or the model's layers or "
+                    "dtype changed); ")
+        if set(arrays) != fields:
+            raise ValueError(mismatch + f"saved fields {sorted(arrays)}, expected {sorted(fields)}.")
+        cache = {}
+        # Samples held by the saved cache (None for the explicit inverse, which has no sample axis).
+        m = np.shape(arrays["cholesky"])[0] if "cholesky" in arrays else None
+        for k, v in self._cache.items():
+            value = tf.convert_to_tensor(arrays[k])
+            # Compare all but the sample axes, which `_to_capacity` adapts below.
+            want = ([m, m] if k == "cholesky" else [m, *v.shape[1:]] if k in ("a", "g", "j")
+                    else v.shape)
+            if value.dtype != v.dtype or not value.shape.is_compatible_with(want):
+                raise ValueError(mismatch + f"'{k}' was saved as {value.dtype.name} "
+                                 f"{value.shape}, the cache holds {v.dtype.name} {v.shape}.")
+            cache[k] = value
+        if self._capacity is not None and m is not None:
+            if m > self._capacity:
+                raise ValueError(
+                    f"layer '{self.layer.name}': the saved curvature holds {m} samples, but this "
+                    f"cache has a fixed capacity of {self._capacity} (max_batch_size, or the batch "
+                    "size when it was static at the first trace). Resume with max_batch_size at "
+                    "least as large as the saved cache.")
+            cache = self._to_capacity(cache)
+        for k, v in self._cache.items():
+            assign_on_every_replica(v, cache[k])
+        assign_on_every_replica(self._filled, bool(arrays["filled"]))
 
     def _to_capacity(self, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Zero-pad the sample dimension up to the cache capacity (Cholesky: identity block)."""
-        if self._capacity is None:
+        if self._capacity is None or "inverse" in state:  # the inverse has no sample dimension
             return state
         cap = self._capacity
+        too_large = (f"layer '{self.layer.name}': a batch of more than {cap} samples does not fit "
+                     "the curvature cache, whose size is fixed by " + (
+                         f"max_batch_size={self.max_batch_size}. Raise max_batch_size to the "
+                         "largest batch size used." if self.max_batch_size is not None else
+                         "the first batch (its size was static when traced). Make the first batch "
+                         "the largest, or pass TENGraD(max_batch_size=<largest batch size>)."))
+        if state["cholesky"].shape[0] is not None and state["cholesky"].shape[0] > cap:
+            raise ValueError(too_large)  # static: say so while tracing
         m = tf.shape(state["cholesky"])[0]
-        tf.debugging.assert_less_equal(m, cap, message=(
-            f"layer '{self.layer.name}': a batch larger than the first one ({cap} samples) does not "
-            "fit the curvature cache, which has a fixed size when the first batch size is static "
-            "(as XLA requires). Make the first batch the largest, e.g. drop_remainder=False with a "
-            "fixed batch_size."))
+        # A dynamic batch size is checked at run time. XLA drops Assert ops, and a negative padding
+        # would silently crop instead; so the padding is clamped at 0 and the shape check below,
+        # which XLA does when it compiles for the actual batch size, fails for an oversized batch
+        # (naming this node, e.g. "…/batch_larger_than_cache_capacity_4_raise_max_batch_size").
+        check = tf.debugging.assert_less_equal(m, cap, message=too_large)
+        node = f"batch_larger_than_cache_capacity_{cap}_raise_max_batch_size"
         out = {}
-        for k, t in state.items():
-            if k == "damping":
-                out[k] = t
-            elif k == "cholesky":
-                eye = tf.eye(cap, dtype=t.dtype)[m:, m:]
-                out[k] = tf.pad(t, [[0, cap - m], [0, cap - m]]) + tf.pad(eye, [[m, 0], [m, 0]])
-            else:
-                out[k] = tf.pad(t, [[0, cap - m]] + [[0, 0]] * (t.shape.rank - 1))
-            out[k] = tf.ensure_shape(out[k], self._cache[k].shape)
+        with tf.control_dependencies([] if check is None else [check]):
+            pad = tf.maximum(cap - m, 0)
+            for k, t in state.items():
+                if k == "damping":
+                    out[k] = t
+                    continue
+                if k == "cholesky":
+                    eye = tf.eye(cap, dtype=t.dtype)[m:, m:]
+                    padded = tf.pad(t, [[0, pad], [0, pad]]) + tf.pad(eye, [[m, 0], [m, 0]])
+                else:
+                    padded = tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
+                out[k] = tf.ensure_shape(padded, self._cache[k].shape, name=node)
         return out
 
     def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
@@ -245,6 +382,27 @@ class FisherBlock(abc.ABC):
         contributes the patch rows of every call to the same per-sample gradient, so the calls are
         concatenated along the position axis (exact, not an approximation).
         """
+        if self.cache_kind(self.total_positions(inputs)) is CacheKind.INVERSE:
+            with tf.name_scope("tengrad_inverse"):
+                return self._explicit_inverse(inputs, output_grads)
+        with tf.name_scope("tengrad_gram"):
+            state, gram = self._factors_and_gram(inputs, output_grads)
+        with tf.name_scope("tengrad_cholesky"):
+            damped = woodbury.factorize(gram, self.damping, self.max_retries, jit=self.jit_solve)
+        state.update(cholesky=damped.cholesky, damping=damped.damping)
+        return state, damped.retries
+
+    def _explicit_inverse(self, inputs, output_grads) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """(F + λI)⁻¹ as a d × d matrix, from the explicit per-sample gradients (d is small)."""
+        g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
+        patches = lambda xs: tf.concat([self.patches(x) for x in xs], axis=1)  # noqa: E731
+        j = per_sample.per_sample(patches, inputs, g)
+        rows = tf.reshape(j, [tf.shape(j)[0], self.d_in * self.d_out])
+        inverse = woodbury.explicit_inverse(rows, self.damping, self.max_retries)
+        return {"inverse": inverse.matrix, "damping": inverse.damping}, inverse.retries
+
+    def _factors_and_gram(self, inputs, output_grads) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """What to cache ({"a", "g"} or {"j"}) and the Gram K = UᵀU, by the cheaper route."""
         p = self.total_positions(inputs)
         cache = self.cache_kind(p)
         g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
@@ -261,6 +419,8 @@ class FisherBlock(abc.ABC):
 
         if cache is CacheKind.FACTORS:
             a, gram = route_f()  # P(D_in + D_out) <= D_in·D_out: route F is also the cheaper one
+            if p == 1:  # stored as matrices: the steps between updates then need no slicing
+                a, g = a[:, 0], g[:, 0]
             state = {"a": a, "g": g}
         else:
             j = per_sample.per_sample(patches, inputs, g, self.chunk(_BYTES * p * self.d_in))
@@ -272,26 +432,39 @@ class FisherBlock(abc.ABC):
                 gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
                                lambda: per_sample.gram_explicit(j))
             state = {"j": j}
-        damped = woodbury.factorize(gram, self.damping, self.max_retries)
-        state.update(cholesky=damped.cholesky, damping=damped.damping)
-        return state, damped.retries
+        return state, gram
 
     def is_update(self, step) -> tf.Tensor:
         """Every `update_freq` steps, and whenever nothing is cached yet."""
-        return tf.logical_or(tf.equal(tf.math.floormod(step, self.update_freq), 0),
-                             tf.logical_not(self._filled))
+        return once_per_step(self._schedule_memo, step, lambda step: tf.logical_or(
+            tf.equal(tf.math.floormod(step, self.update_freq), 0), tf.logical_not(self._filled)))
 
     def _ensure_cache(self, inputs: list[tf.Tensor]) -> None:
         if self._cache is not None:
             return
         p = self.total_positions(inputs)
         capacity = inputs[0].shape[0]
+        if capacity is not None:  # under tf.distribute the cache holds the gathered global batch
+            capacity *= distribute.replicas_in_sync()
+        if self.max_batch_size is not None:
+            if capacity is not None and capacity > self.max_batch_size:
+                raise ValueError(
+                    f"layer '{self.layer.name}': this step's batch has {capacity} samples, more "
+                    f"than max_batch_size={self.max_batch_size}. Raise max_batch_size to the "
+                    "largest batch size used (the global batch under tf.distribute).")
+            capacity = self.max_batch_size
         if capacity is None and _tf_private.in_xla_context():
+            # XLA compiles a variable with the shape it has and cannot change it (an assign of
+            # another shape fails: "Shape of resource ... cannot be changed after
+            # initialization"), and Keras's fit traces its step with an unknown batch size.
             raise XlaCacheError(
-                f"layer '{self.layer.name}': the curvature cache is sized by the batch, which "
-                "is not static in this trace, and XLA cannot resize a variable. Compile with "
-                "model.compile(jit_compile=False) (Keras turns XLA on by default on GPUs), or "
-                "trace the train step with a fixed batch size.")
+                f"layer '{self.layer.name}': under XLA (jit_compile=True) the curvature cache "
+                "needs a fixed number of samples, and this step was traced with an unknown batch "
+                "size (model.fit does this when the number of samples is not a multiple of "
+                "batch_size, or for a tf.data dataset batched without drop_remainder=True). Pass "
+                "TENGraD(max_batch_size=<your batch_size>) (the largest batch the optimizer sees; "
+                "smaller batches are zero-padded exactly), or compile with "
+                "model.compile(jit_compile=False).")
         self._build_cache(self.cache_kind(p), p, capacity)
 
     def needs_output_grads(self, step, inputs) -> tf.Tensor:
@@ -302,7 +475,8 @@ class FisherBlock(abc.ABC):
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `update_freq`), the cached one otherwise."""
         self._ensure_cache(inputs)
-        cached = {k: v.read_value() for k, v in self._cache.items()}
+        with tf.name_scope("tengrad_cache"):
+            cached = {k: v.read_value() for k, v in self._cache.items()}
 
         def fresh():
             state, retries = self.compute_curvature(inputs, output_grads)
@@ -322,15 +496,27 @@ class FisherBlock(abc.ABC):
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
-        v = self.to_matrix(grads)
+        # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
         c = curvature
-        if "j" in c:
-            j = c["j"]
-            utv = per_sample.project_explicit(j, v)
-            u_times = lambda s: per_sample.combine_explicit(j, s)  # noqa: E731
-        else:
-            a, g = c["a"], c["g"]
-            utv = per_sample.project_factored(a, g, v)
-            u_times = lambda s: per_sample.combine_factored(a, g, s)  # noqa: E731
-        damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
-        return self.from_matrix(woodbury.inverse_times(v, utv, u_times, damped))
+        if "inverse" in c:
+            with tf.name_scope("tengrad_solve"):
+                v = self.to_matrix(grads)
+                d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
+                return self.from_matrix(tf.reshape(tf.cast(d, v.dtype), tf.shape(v)))
+        with tf.name_scope("tengrad_project"):
+            v = self.to_matrix(grads)
+            if "j" in c:
+                utv = per_sample.project_explicit(c["j"], v)
+            else:
+                utv = per_sample.project_factored(c["a"], c["g"], v)
+
+        def u_times(s):
+            with tf.name_scope("tengrad_combine"):
+                if "j" in c:
+                    return per_sample.combine_explicit(c["j"], s)
+                return per_sample.combine_factored(c["a"], c["g"], s)
+
+        with tf.name_scope("tengrad_solve"):
+            damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
+            return self.from_matrix(woodbury.inverse_times(v, utv, u_times, damped,
+                                                           jit=self.jit_solve))

@@ -53,9 +53,9 @@ def map_sample_chunks(
 
 def gram_factored(a: Tensor, g: Tensor, chunk: int | None = None) -> Tensor:
     """Route F. a: (m, P, D_in), g: (m, P, D_out) → K (m, m), never forming a per-sample gradient."""
-    if a.shape[1] == 1:  # Dense: K = (A Aᵀ) ⊙ (G Gᵀ), the m²(D_in + D_out) special case
-        a2, g2 = a[:, 0, :], g[:, 0, :]
-        return tf.matmul(a2, a2, transpose_b=True) * tf.matmul(g2, g2, transpose_b=True)
+    a, g = _dense_rows(a), _dense_rows(g)
+    if a.shape.rank == 2:  # Dense: K = (A Aᵀ) ⊙ (G Gᵀ), the m²(D_in + D_out) special case
+        return tf.matmul(a, a, transpose_b=True) * tf.matmul(g, g, transpose_b=True)
 
     def rows(a_rows, g_rows):
         aa = tf.einsum("ipa,jqa->ijpq", a_rows, a)
@@ -84,26 +84,40 @@ def gram_explicit(j: Tensor) -> Tensor:
     return tf.matmul(flat, flat, transpose_b=True)
 
 
+def _dense_rows(x: Tensor) -> Tensor:
+    """(m, 1, D) → (m, D): one patch row per sample is a Dense layer's plain matrix."""
+    return x[:, 0] if x.shape.rank == 3 and x.shape[1] == 1 else x
+
+
+# Uᵀv and U s run on every step, also between curvature updates, where a small model's step costs
+# about as much per op as per flop: they take and return s as an (m, 1) column (no reshapes in the
+# solve), and Dense factors stored as (m, D) matrices (no slicing).
 def project_factored(a: Tensor, g: Tensor, v: Tensor) -> Tensor:
-    """(Uᵀv)ᵢ = Σₜ (Âᵢ V)ₜ · Gᵢₜ for V (D_in, D_out) → (m,). Cost m·P·D_in·D_out."""
-    if a.shape[1] == 1:  # plain matmuls: einsum's reshapes cost as much as the work for a Dense
-        return tf.reduce_sum(tf.matmul(a[:, 0], v) * g[:, 0], axis=1)
+    """(Uᵀv)ᵢ = Σₜ (Âᵢ V)ₜ · Gᵢₜ for V (D_in, D_out) → (m, 1). Cost m·P·D_in·D_out.
+
+    a, g: (m, P, D) factors, or (m, D) for a Dense layer (P = 1)."""
+    a, g = _dense_rows(a), _dense_rows(g)
+    if a.shape.rank == 2:  # plain matmuls: einsum's reshapes cost as much as the work for a Dense
+        return tf.reduce_sum(tf.matmul(a, v) * g, axis=1, keepdims=True)
     av = tf.einsum("ipa,ab->ipb", a, v)
-    return tf.reduce_sum(av * g, axis=[1, 2])
+    return tf.reshape(tf.reduce_sum(av * g, axis=[1, 2]), [-1, 1])
 
 
 def combine_factored(a: Tensor, g: Tensor, s: Tensor) -> Tensor:
-    """U s = Σᵢ sᵢ Âᵢᵀ Gᵢ = Âᵀ diag(s) G → (D_in, D_out)."""
-    if a.shape[1] == 1:
-        return tf.matmul(a[:, 0] * s[:, None], g[:, 0], transpose_a=True)
-    return tf.einsum("ipa,ipb->ab", a * s[:, None, None], g)
+    """U s = Σᵢ sᵢ Âᵢᵀ Gᵢ = Âᵀ diag(s) G → (D_in, D_out), for s of shape (m, 1)."""
+    a, g = _dense_rows(a), _dense_rows(g)
+    if a.shape.rank == 2:
+        return tf.matmul(a * s, g, transpose_a=True)
+    return tf.einsum("ipa,ipb->ab", a * s[:, :, None], g)
 
 
 def project_explicit(j: Tensor, v: Tensor) -> Tensor:
+    """Uᵀv from explicit per-sample gradients j (m, D_in, D_out) → (m, 1)."""
     flat = tf.reshape(j, [tf.shape(j)[0], -1])
-    return tf.linalg.matvec(flat, tf.reshape(v, [-1]))
+    return tf.matmul(flat, tf.reshape(v, [-1, 1]))
 
 
 def combine_explicit(j: Tensor, s: Tensor) -> Tensor:
+    """U s from explicit per-sample gradients, for s of shape (m, 1) → (D_in, D_out)."""
     flat = tf.reshape(j, [tf.shape(j)[0], -1])
-    return tf.reshape(tf.linalg.matvec(flat, s, transpose_a=True), tf.shape(j)[1:])
+    return tf.reshape(tf.matmul(flat, s, transpose_a=True), tf.shape(j)[1:])

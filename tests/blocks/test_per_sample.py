@@ -46,18 +46,24 @@ def test_chunking_with_a_dynamic_batch_inside_tf_function():
                                rtol=1e-12)
 
 
-def test_project_and_combine_are_u_transpose_and_u():
-    a, g = factors()
+@pytest.mark.parametrize("p", [7, 1, "dense"])
+def test_project_and_combine_are_u_transpose_and_u(p):
+    a, g = factors(p=1 if p == "dense" else p)
     u = explicit_u(a, g)
-    rng = np.random.default_rng(1)
-    v, s = rng.normal(size=(4, 3)), rng.normal(size=5)
     j = per_sample.per_sample(lambda xs: xs[0], [a], g)
+    if p == "dense":  # Dense factors are cached as (m, D) matrices
+        a, g = a[:, 0], g[:, 0]
+    rng = np.random.default_rng(1)
+    v, s = rng.normal(size=(4, 3)), rng.normal(size=(5, 1))  # s: a column, as the solve gives it
     for project, combine in [
         (lambda v: per_sample.project_factored(a, g, v), lambda s: per_sample.combine_factored(a, g, s)),
         (lambda v: per_sample.project_explicit(j, v), lambda s: per_sample.combine_explicit(j, s)),
     ]:
-        np.testing.assert_allclose(project(tf.constant(v)).numpy(), u @ v.ravel(), rtol=1e-12)
-        np.testing.assert_allclose(combine(tf.constant(s)).numpy().ravel(), u.T @ s, rtol=1e-12)
+        utv = project(tf.constant(v)).numpy()
+        assert utv.shape == (5, 1)
+        np.testing.assert_allclose(utv[:, 0], u @ v.ravel(), rtol=1e-12)
+        np.testing.assert_allclose(combine(tf.constant(s)).numpy().ravel(), u.T @ s[:, 0],
+                                   rtol=1e-12)
 
 
 def test_cost_model_switches_where_the_arithmetic_says():

@@ -1,0 +1,64 @@
+"""Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse, by the cheaper of two solves."""
+
+import keras
+import numpy as np
+import pytest
+
+from tengrad_tf import TENGraD
+from tengrad_tf.blocks import CacheKind, DenseBlock
+from tengrad_tf.blocks import base
+from tests import reference
+from tests.blocks.test_conv import conv_model, one_step_matches_reference, per_sample_sce
+from tests.test_optimizer import data, mlp
+
+
+@pytest.mark.parametrize("m", [40, 8])  # d = 6·4 = 24 and 5·3 = 15 (+ bias): m ≥ d and m < d
+def test_dense_inverse_is_exact_with_both_solves(float64, direct_inverse, m):
+    model = mlp(inputs=5, hidden=4)
+    x, y = data(m)
+    opt = one_step_matches_reference(model, x, y)
+    treatment = opt.treatments()[model.layers[0].kernel.path]
+    assert "caches the explicit inverse" in treatment and "direct 24×24 solve" in treatment
+
+
+@pytest.mark.parametrize("m", [30, 6])  # Conv2D 2→3 channels, 3×2 kernel: d = 13·3 = 39
+def test_conv_inverse_is_exact_with_both_solves(float64, direct_inverse, m):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(m, 5, 4, 2))
+    y = rng.integers(0, 3, size=m)
+    conv = keras.layers.Conv2D(3, (3, 2), padding="same", activation="tanh")
+    opt = one_step_matches_reference(conv_model(conv, (5, 4, 2)), x, y)
+    assert "caches the explicit inverse" in opt.treatments()[conv.kernel.path]
+
+
+def test_inverse_is_reused_between_updates(float64, direct_inverse):
+    """Step 1 preconditions its own gradient with step 0's cached inverse."""
+    lr, damping = 0.125, 0.05
+    model = mlp()
+    x, y = data(16)
+    x0, y0, x1, y1 = x[:8], y[:8], x[8:], y[8:]
+    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
+                  curvature_update_freq=2, fisher="empirical")
+    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # Curvature of step 0: batch 0's per-sample gradients at the initial weights.
+    u0 = reference.per_sample_gradients(model, x0, y0, per_sample_sce, model.trainable_variables)
+    model.fit(x0, y0, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    _, g1 = reference.reference_directions(model, x1, y1, y1, per_sample_sce, damping)
+    before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
+    model.fit(x1, y1, batch_size=8, epochs=1, shuffle=False, verbose=0)
+    for kernel, bias in reference.layer_blocks(model):
+        step0 = [u0[kernel.path], u0[bias.path]]
+        d_kernel, d_bias = reference.block_direction(step0, [g1[kernel.path], g1[bias.path]],
+                                                     damping)
+        for v, d in ((kernel, d_kernel), (bias, d_bias)):
+            np.testing.assert_allclose(v.numpy().ravel(), before[v.path] - lr * d, rtol=1e-9,
+                                       atol=1e-12, err_msg=v.path)
+
+
+def test_threshold_picks_the_inverse_only_for_small_blocks(direct_inverse):
+    small, large = keras.layers.Dense(32), keras.layers.Dense(64)
+    small.build((None, 31))  # d = 32·32 = 1024
+    large.build((None, 32))  # d = 33·64
+    assert DenseBlock(small).cache_kind(1) is CacheKind.INVERSE
+    assert DenseBlock(large).cache_kind(1) is CacheKind.FACTORS
+    assert base.DIRECT_MAX_DIM == 1024
