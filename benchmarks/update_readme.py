@@ -40,7 +40,13 @@ def memory_table(report) -> str:
     return markdown_table(report)
 
 
-TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table}
+def profile_step_table(report) -> str:
+    from benchmarks.profile_step import markdown_table
+    return markdown_table(report)
+
+
+TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table,
+          "profile_step": profile_step_table}
 
 
 def extra_tables() -> dict:

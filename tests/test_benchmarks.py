@@ -222,3 +222,21 @@ def test_memory_benchmark_quick_run_writes_json_and_table(tmp_path):
     md = (tmp_path / "memory.md").read_text()
     assert md == memory.markdown_table(on_disk) and "| tengrad-empirical |" in md
     assert update_readme.TABLES["memory"](on_disk) == md
+
+
+def test_profile_step_groups_ops_by_part(tmp_path):
+    """benchmarks/profile_step.py on the MLP, two steps: TENGraD's parts are found by their name
+    scopes, and SGD has none of them."""
+    from benchmarks import profile_step
+
+    profile_step.main(["--models", "mlp", "--optimizers", "sgd", "tengrad-empirical-f1",
+                       "--steps", "2", "--warmup", "1", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "profile_step.json").read_text())
+    sgd, tengrad = report["results"]
+    assert not any(p.startswith("tengrad_") for p in sgd["ops_per_step"])
+    for part in ("forward", "backward", "tengrad_gram", "tengrad_cholesky", "tengrad_project",
+                 "tengrad_solve", "tengrad_combine"):
+        assert tengrad["ops_per_step"].get(part, 0) > 0, part
+    assert profile_step.part_of("a/tengrad_solve/tengrad_combine/MatMul", "TENGraD") == \
+        "tengrad_combine"
+    assert (tmp_path / "profile_step.md").read_text().startswith("Profile of one step")
