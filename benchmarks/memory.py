@@ -160,7 +160,7 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
-    from benchmarks.step_time import git_commit, machine
+    from benchmarks.step_time import git_commit, machine, write_report
 
     commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
@@ -187,14 +187,7 @@ def main(argv=None):
         "model": args.model, "batch": args.batch, "warmup_steps": args.warmup,
         "steps": args.steps, "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "memory.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "memory.md"), "w") as f:
-        f.write(markdown_table(report))
-    print(markdown_table(report))
-    print(f"results written to {path}")
+    write_report(args.out, report, markdown_table)
     return report
 
 

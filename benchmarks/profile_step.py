@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import glob
-import json
 import os
 import re
 import statistics
@@ -37,10 +35,10 @@ import tempfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.step_time import BATCH, Runner, git_commit, machine  # noqa: E402
+from benchmarks.step_time import (  # noqa: E402
+    BATCH, Runner, git_commit, machine, report_header, write_report)
 
 PARTS = ["forward", "backward", "keras", "tengrad_capture", "tengrad_output_grads", "tengrad_gram",
          "tengrad_cholesky", "tengrad_cache", "tengrad_project", "tengrad_solve",
@@ -138,24 +136,9 @@ def main(argv=None):
             results.append(profile(model_name, opt_name, args.steps, args.warmup))
             print(markdown_table({"results": results[-1:], "machine": machine(), "commit": commit,
                                   "date": ""}).splitlines()[-1], flush=True)
-    report = {
-        "benchmark": "profile_step",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": machine(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-        "results": results,
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "profile_step.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "profile_step.md"), "w") as f:
-        f.write(markdown_table(report))
-    print(markdown_table(report))
-    print(f"results written to {path}")
-
+    report = report_header("profile_step", commit, argv)
+    report["results"] = results
+    write_report(args.out, report, markdown_table)
 
 if __name__ == "__main__":
     main()

@@ -170,22 +170,32 @@ def main(argv=None):
                     entry["peak_rss_mib"] = peak_memory_mib(model_name, opt_name, j, 3)
                 results.append(entry)
 
-    report = {
-        "benchmark": "step_time",
+    report = report_header("step_time", commit, argv)
+    report["results"] = results
+    write_report(args.out, report, markdown_table)
+
+
+def report_header(benchmark: str, commit: str, argv) -> dict:
+    """What every committed result records: date, machine, commit, versions and command."""
+    return {
+        "benchmark": benchmark,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": commit,
         "machine": machine(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-        "results": results,
     }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "step_time.json")
+
+
+def write_report(out: str, report: dict, table) -> None:
+    """<benchmark>.json and its Markdown table under `out`; prints the table and the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, f"{report['benchmark']}.json")
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
-    with open(os.path.join(args.out, "step_time.md"), "w") as f:
-        f.write(markdown_table(report))
-    print(markdown_table(report))
+    with open(os.path.join(out, f"{report['benchmark']}.md"), "w") as f:
+        f.write(table(report))
+    print(table(report))
     print(f"results written to {path}")
 
 
