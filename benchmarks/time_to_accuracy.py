@@ -562,6 +562,20 @@ def uncommitted_changes() -> list[str] | None:
     return [line for line in out.splitlines() if line.strip()]
 
 
+def run_header(benchmark: str, argv: list[str] | None) -> dict[str, Any]:
+    """What a committed training benchmark records: date, commit (and whether the library or
+    examples had uncommitted changes), machine, versions and the command."""
+    return {
+        "benchmark": benchmark,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(), "uncommitted_changes": uncommitted_changes(),
+        "machine": machine(),
+        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
+        "command": " ".join([f"benchmarks/{benchmark}.py"]
+                            + (sys.argv[1:] if argv is None else list(argv))),
+    }
+
+
 def render(path: Path) -> dict[str, Any]:
     """Rewrite the .md and .png next to a result JSON from the JSON alone."""
     report = json.loads(path.read_text())
@@ -585,16 +599,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_ds = data.load("fashion_mnist", cfg["test_split"], EVAL_BATCH_SIZE,
                         data_dir=cfg["data_dir"], shuffle=False)
     out = Path(args.out)
-    report: dict[str, Any] = {
-        "benchmark": NAME,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "uncommitted_changes": uncommitted_changes(),
-        "machine": machine(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "command": " ".join(["benchmarks/time_to_accuracy.py"]
-                            + (sys.argv[1:] if argv is None else list(argv))),
-        "config": cfg, "complete": False, "runs": [],
-    }
+    report: dict[str, Any] = {**run_header(NAME, argv), "config": cfg, "complete": False,
+                              "runs": []}
     print(json.dumps(cfg, indent=1), flush=True)
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tta_") as scratch:

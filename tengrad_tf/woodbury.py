@@ -106,24 +106,28 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedIn
     """
     u = tf.cast(rows, SOLVE_DTYPE)
     m, d = tf.shape(u)[0], tf.shape(u)[1]
-    m_float = tf.cast(m, SOLVE_DTYPE)
+    m_float, d_float = tf.cast(m, SOLVE_DTYPE), tf.cast(d, SOLVE_DTYPE)
+    lam0 = _as_solve_dtype(damping)
+    direct = m >= d
+    # One factorization between two loop-free conds, not one per branch: when the batch size is
+    # static, grappler folds `direct` and prunes a branch, and a pruned branch holding the retry
+    # while-loop breaks its topological sort, after which it leaves the whole step unoptimized.
+    # Direct: (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹, and factorize damps with (its size)·λ, so λ·m/d.
+    matrix, lam = tf.cond(direct,
+                          lambda: (tf.matmul(u, u, transpose_a=True), lam0 * m_float / d_float),
+                          lambda: (tf.matmul(u, u, transpose_b=True), lam0))
+    damped = factorize(matrix, lam, max_retries)
 
-    def direct():
-        # factorize damps with (its matrix's size)·λ; scale λ so that this is m·λ.
-        damped = factorize(tf.matmul(u, u, transpose_a=True),
-                           _as_solve_dtype(damping) * m_float / tf.cast(d, SOLVE_DTYPE),
-                           max_retries)
-        lam = damped.damping * tf.cast(d, SOLVE_DTYPE) / m_float
+    def direct_inverse():
         inverse = m_float * tf.linalg.cholesky_solve(damped.cholesky, tf.eye(d, dtype=SOLVE_DTYPE))
-        return inverse, lam, damped.retries
+        return inverse, damped.damping * d_float / m_float
 
     def through_gram():
-        damped = factorize(tf.matmul(u, u, transpose_b=True), damping, max_retries)
         correction = tf.matmul(u, tf.linalg.cholesky_solve(damped.cholesky, u), transpose_a=True)
-        return (tf.eye(d, dtype=SOLVE_DTYPE) - correction) / damped.damping, damped.damping, \
-            damped.retries
+        return (tf.eye(d, dtype=SOLVE_DTYPE) - correction) / damped.damping, damped.damping
 
-    inverse, lam, retries = tf.cond(m >= d, direct, through_gram)
+    inverse, lam = tf.cond(direct, direct_inverse, through_gram)
+    retries = damped.retries
     return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, retries)
 
 
