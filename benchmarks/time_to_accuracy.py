@@ -8,6 +8,12 @@ examples/train.py, so that both always agree):
     K-FAC    lr 0.003, damping 0.1 (TInv 100, TCov 20, its constructor's other defaults)
     TENGraD  lr 0.003, damping 0.1, weight decay 1e-3, curvature update every 100 steps
 
+`--presets tuned` (the `cpu` configuration's default) replaces each learning rate with the one
+benchmarks/tune_presets.py chose for the same model size on held-out training data (the paper's
+rate times 1/3, 1, 3 or 10, the same grid for every optimizer; the test set is never used to
+tune). The paper's values were tuned at the paper's width, not at the `cpu` configuration's.
+`--presets paper` uses them unchanged (the `paper` and `--quick` configurations' default).
+
 Every optimizer and seed trains a fresh model (the same initial weights and data order for every
 optimizer at a given seed) on the full 60,000-image training set, batch 128, full batches only,
 with examples/train.py's logging callback. Test accuracy is measured on a schedule of steps (and at
@@ -106,6 +112,7 @@ BASELINES = ("kfac", "sgd", "adam")
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "cpu": {
+        "presets": "tuned",
         "width": 16, "hidden": 128, "batch_size": 128, "epochs": 20, "max_seconds": 90.0,
         "max_steps": None, "eval_every": 25, "eval_switch_step": 1000, "eval_every_later": 100,
         "train_split": "train", "test_split": "test", "seeds": 3,
@@ -124,12 +131,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "clock that excludes it."),
     },
     "paper": {
+        "presets": "paper",
         "width": 128, "hidden": 500, "batch_size": 128, "epochs": 10, "max_seconds": None,
         "max_steps": None, "eval_every": 100, "eval_switch_step": None,
         "eval_every_later": None, "train_split": "train", "test_split": "test", "seeds": 3,
         "notes": "The paper's scale: 3C1F width 128 / Dense 500, 10 epochs, batch 128.",
     },
     "quick": {
+        "presets": "paper",
         "width": 8, "hidden": 16, "batch_size": 128, "epochs": 1, "max_seconds": None,
         "max_steps": 120, "eval_every": 20, "eval_switch_step": 60, "eval_every_later": 40,
         "train_split": "train", "test_split": "test[:1000]", "seeds": 1,
@@ -166,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
                    metavar="OPT", help=f"subset of {', '.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (cpu/paper default 3)")
+    p.add_argument("--presets", choices=["paper", "tuned"],
+                   help="hyperparameters: the paper's (examples/train.py), or those with the "
+                        "learning rate benchmarks/tune_presets.py chose on validation data "
+                        "(default: tuned for cpu, paper otherwise)")
+    p.add_argument("--tuned-json", default=str(RESULTS / "tune_presets.json"),
+                   help="tune_presets.py's result for --presets tuned")
     p.add_argument("--targets", type=float, nargs="+", default=list(TARGETS),
                    help="target test accuracies (default: 0.85 0.88 0.90)")
     o = p.add_argument_group("overrides of the configuration")
@@ -213,7 +228,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
                                              "test_split", "max_seconds", "max_steps",
                                              "eval_switch_step", "eval_every_later")
                                  if getattr(args, k) is not None))
+    cfg["presets"] = args.presets or cfg["presets"]
     cfg["hparams"] = paper_hparams(cfg["optimizers"])
+    if cfg["presets"] == "tuned":
+        cfg["hparams"], cfg["tuned_from"] = tuned_hparams(cfg, Path(args.tuned_json))
     cfg["clocks"] = dict(CLOCKS)
     return cfg
 
@@ -223,6 +241,29 @@ def paper_hparams(optimizers: list[str]) -> dict[str, dict[str, Any]]:
     parser = train.build_parser()
     args = parser.parse_args(["--dataset", "fashion_mnist", "--optimizer", *optimizers])
     return train.resolve_config(args, parser)["hparams"]
+
+
+def tuned_hparams(cfg: dict, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The paper presets with the learning rates tune_presets.py chose for this model size."""
+    if not path.exists():
+        raise SystemExit(f"error: --presets tuned needs {path}; run benchmarks/tune_presets.py "
+                         "first, or pass --presets paper")
+    tuned = json.loads(path.read_text())
+    size = {k: tuned["config"][k] for k in ("width", "hidden", "batch_size")}
+    if size != {k: cfg[k] for k in size}:
+        raise SystemExit(f"error: {path} was tuned for {size}, this run trains "
+                         f"{ {k: cfg[k] for k in size} }; rerun benchmarks/tune_presets.py with "
+                         "the same --width/--hidden, or pass --presets paper")
+    missing = [n for n in cfg["optimizers"] if n not in tuned["chosen"]]
+    if missing:
+        raise SystemExit(f"error: {path} has no tuned learning rate for {', '.join(missing)}; "
+                         "rerun benchmarks/tune_presets.py for them, or pass --presets paper")
+    hparams = {n: {**cfg["hparams"][n], "learning_rate": tuned["chosen"][n]["learning_rate"]}
+               for n in cfg["optimizers"]}
+    return hparams, {"path": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path),
+                     "commit": tuned["commit"], "date": tuned["date"],
+                     "paper_learning_rates": {n: cfg["hparams"][n]["learning_rate"]
+                                              for n in cfg["optimizers"]}}
 
 
 # ------------------------------------------------------------------------------ training
@@ -445,6 +486,8 @@ def markdown_table(report: dict) -> str:
         + f", {report['date'][:10]}"
         + ("" if report.get("complete", True) else " (INCOMPLETE)") + ".",
         "",
+        presets_line(cfg),
+        "",
         "Seconds to each target: steady-state training seconds (evaluation and the first step "
         "excluded), median [min–max] over seeds; (k/n): seeds that reached it. \"incl. 1st "
         "step\" adds the first step (graph tracing and input-pipeline warm-up, noisy here). "
@@ -483,6 +526,22 @@ def markdown_table(report: dict) -> str:
                       f"TENGraD's median time to {GOAL_TARGET:.0%}, {what}: " + "; ".join(parts)
                       + "."]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+def presets_line(cfg: dict) -> str | None:
+    """Which hyperparameters each optimizer ran with (older reports have no "presets": paper)."""
+    if not cfg.get("hparams"):
+        return None
+    lrs = ", ".join(f"{LABELS.get(n, n)} {cfg['hparams'][n]['learning_rate']:.3g}"
+                    for n in cfg["optimizers"] if n in cfg["hparams"])
+    if cfg.get("presets", "paper") == "paper":
+        return f"Hyperparameters: the paper's presets (examples/train.py); learning rates {lrs}."
+    src = cfg["tuned_from"]
+    paper = ", ".join(f"{LABELS.get(n, n)} {lr:.3g}"
+                      for n, lr in src["paper_learning_rates"].items())
+    return (f"Hyperparameters: the paper's presets with each optimizer's learning rate tuned on "
+            f"held-out training data by benchmarks/tune_presets.py ({src['path']}, commit "
+            f"{src['commit']}, same grid for every optimizer): {lrs} (paper: {paper}).")
 
 
 def _curve(rows: list[dict], grid: np.ndarray, x_key: str) -> np.ndarray:

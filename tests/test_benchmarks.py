@@ -240,3 +240,69 @@ def test_profile_step_groups_ops_by_part(tmp_path):
     assert profile_step.part_of("a/tengrad_solve/tengrad_combine/MatMul", "TENGraD") == \
         "tengrad_combine"
     assert (tmp_path / "profile_step.md").read_text().startswith("Profile of one step")
+
+
+# ----------------------------------------------------------------------------- tuned presets
+
+
+def _tuned_json(tmp_path, width=16, chosen=None) -> Path:
+    chosen = chosen or {"sgd": 0.09, "adam": 0.003, "kfac": 0.01, "tengrad": 0.03}
+    path = tmp_path / "tune_presets.json"
+    path.write_text(json.dumps({
+        "config": {"width": width, "hidden": 128, "batch_size": 128},
+        "commit": "abc1234", "date": "2026-01-01T00:00:00+00:00",
+        "chosen": {n: {"learning_rate": lr} for n, lr in chosen.items()}}))
+    return path
+
+
+def _resolve(argv):
+    return tta.resolve_config(tta.build_parser().parse_args(argv))
+
+
+def test_cpu_config_takes_tuned_learning_rates_and_nothing_else(tmp_path):
+    path = _tuned_json(tmp_path)
+    cfg = _resolve(["--tuned-json", str(path)])
+    paper = _resolve(["--presets", "paper"])
+    assert cfg["presets"] == "tuned" and paper["presets"] == "paper"
+    for name, lr in {"sgd": 0.09, "adam": 0.003, "kfac": 0.01, "tengrad": 0.03}.items():
+        assert cfg["hparams"][name] == {**paper["hparams"][name], "learning_rate": lr}
+    assert cfg["tuned_from"]["paper_learning_rates"]["tengrad"] == 0.003
+    line = tta.presets_line(cfg)
+    assert "tuned on held-out training data" in line and "TENGraD 0.03" in line
+    assert "TENGraD 0.003" in tta.presets_line(paper) and "paper's presets" in tta.presets_line(
+        paper)
+    assert _resolve(["--quick"])["presets"] == "paper"
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "run benchmarks/tune_presets.py first"),
+    ("width", "was tuned for"),
+    ("optimizer", "no tuned learning rate for tengrad"),
+])
+def test_tuned_presets_refuse_a_result_that_does_not_fit(tmp_path, problem, message):
+    if problem == "missing":
+        path = tmp_path / "absent.json"
+    elif problem == "width":
+        path = _tuned_json(tmp_path, width=32)
+    else:
+        path = _tuned_json(tmp_path, chosen={"sgd": 0.1})
+    with pytest.raises(SystemExit, match=message):
+        _resolve(["--optimizers", "sgd", "tengrad", "--tuned-json", str(path)])
+
+
+def test_tune_presets_chooses_fewest_steps_then_final_accuracy():
+    from benchmarks import tune_presets
+
+    def run(lr, step, final):
+        hit = None if step is None else {"step": step}
+        return {"learning_rate": lr, "final_accuracy": final, "time_to_target": {"0.88": hit}}
+
+    runs = [run(0.01, 300, 0.90), run(0.03, 200, 0.89), run(0.1, 200, 0.91), run(0.3, None, 0.5)]
+    chosen = tune_presets.choose(runs, 0.88)
+    assert chosen["learning_rate"] == 0.1  # ties with 0.03 on steps, better final accuracy
+    assert [s["learning_rate"] for s in chosen["scores"]] == [0.1, 0.03, 0.01, 0.3]
+    assert chosen["scores"][-1]["median_steps_to_target"] is None  # never reached: last
+    # Over seeds: the median, with a miss as +infinity.
+    seeds = [run(0.01, 100, 0.9), run(0.01, None, 0.9), run(0.01, None, 0.9),
+             run(0.03, 400, 0.9), run(0.03, 400, 0.9), run(0.03, 500, 0.9)]
+    assert tune_presets.choose(seeds, 0.88)["learning_rate"] == 0.03
