@@ -20,6 +20,10 @@ reports:
 
     python benchmarks/tune_presets.py                 # ~12 minutes on the 2-core machine
     python benchmarks/tune_presets.py --seeds 2 --optimizers tengrad kfac
+    python benchmarks/tune_presets.py --optimizers tengrad --multipliers 3 \
+        --set curvature_update_freq=20 --out /tmp/diagnose    # one variant, not a tuning
+
+A --set key that an optimizer being run does not take is an error, not silently dropped.
 
 Writes benchmarks/results/tune_presets.json (date, machine, commit, command, grid, every run's
 validation curve, and the chosen learning rate per optimizer).
@@ -30,6 +34,8 @@ reads it.
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import json
 import math
 import statistics
@@ -41,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import time_to_accuracy as tta  # noqa: E402
+import tengrad_tf  # noqa: E402
 from tengrad_tf import data  # noqa: E402
 
 NAME = "tune_presets"
@@ -60,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=tta.GOAL_TARGET)
     p.add_argument("--multipliers", type=float, nargs="+", default=list(LR_MULTIPLIERS),
                    help="learning-rate multipliers of the paper preset (default: 1/3 1 3 10)")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="also override these hyperparameters in every run, e.g. "
+                        "curvature_update_freq=20 kl_clip=1e-3 fisher=empirical (values are "
+                        "parsed as Python literals, else kept as strings)")
     p.add_argument("--width", type=int, default=tta.CONFIGS["cpu"]["width"])
     p.add_argument("--hidden", type=int, default=tta.CONFIGS["cpu"]["hidden"])
     p.add_argument("--validation-split", default=VALIDATION_SPLIT,
@@ -68,6 +79,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(tta.RESULTS))
     return p
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["kl_clip=1e-3", "fisher=empirical"] -> {"kl_clip": 0.001, "fisher": "empirical"}."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def accepted_hparams(name: str) -> set[str]:
+    """What examples/train.py's make_optimizer passes on for this optimizer."""
+    if name in ("sgd", "adam"):
+        return {"weight_decay"} | ({"momentum"} if name == "sgd" else set())
+    cls = tengrad_tf.TENGraD if name == "tengrad" else tengrad_tf.KFAC
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate"}
 
 
 def choose(runs: list[dict], target: float) -> dict[str, Any]:
@@ -94,6 +127,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.train_split == args.validation_split:
         raise SystemExit("error: --train-split and --validation-split must differ")
     paper = tta.paper_hparams(list(args.optimizers))
+    overrides = parse_overrides(args.overrides)
+    for name in args.optimizers:
+        unknown = sorted(set(overrides) - accepted_hparams(name))
+        if unknown:
+            raise SystemExit(f"error: --set {', '.join(unknown)}: not a hyperparameter of {name}")
     cfg = {**tta.CONFIGS["cpu"], "name": "tune", "width": args.width, "hidden": args.hidden,
            "max_seconds": None, "max_steps": args.max_steps, "eval_every": args.eval_every,
            "eval_switch_step": None, "eval_every_later": None, "epochs": 100,
@@ -107,14 +145,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **tta.run_header(NAME, argv),
         "config": {k: cfg[k] for k in ("width", "hidden", "batch_size", "max_steps", "eval_every",
                                        "train_split", "test_split", "seeds", "targets")},
-        "multipliers": list(args.multipliers), "paper_hparams": paper, "runs": [], "chosen": {},
+        "multipliers": list(args.multipliers), "paper_hparams": paper, "overrides": overrides, "runs": [], "chosen": {},
     }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune_") as scratch:
         for name in args.optimizers:
             for mult in args.multipliers:
                 lr = paper[name]["learning_rate"] * mult
-                cfg["hparams"] = {name: {**paper[name], "learning_rate": lr}}
+                cfg["hparams"] = {name: {**paper[name], **overrides, "learning_rate": lr}}
                 for seed in range(args.seeds):
                     run = tta.run_one(name, seed, cfg, validation, steps_per_epoch, Path(scratch))
                     run.update(learning_rate=lr, multiplier=mult)

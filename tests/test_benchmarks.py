@@ -306,3 +306,16 @@ def test_tune_presets_chooses_fewest_steps_then_final_accuracy():
     seeds = [run(0.01, 100, 0.9), run(0.01, None, 0.9), run(0.01, None, 0.9),
              run(0.03, 400, 0.9), run(0.03, 400, 0.9), run(0.03, 500, 0.9)]
     assert tune_presets.choose(seeds, 0.88)["learning_rate"] == 0.03
+
+
+def test_tune_presets_overrides_are_parsed_and_checked():
+    from benchmarks import tune_presets
+
+    assert tune_presets.parse_overrides(["kl_clip=1e-3", "fisher=empirical", "x=None"]) == {
+        "kl_clip": 1e-3, "fisher": "empirical", "x": None}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        tune_presets.parse_overrides(["kl_clip"])
+    assert "curvature_update_freq" in tune_presets.accepted_hparams("tengrad")
+    assert "curvature_update_freq" not in tune_presets.accepted_hparams("kfac")
+    with pytest.raises(SystemExit, match="not a hyperparameter of sgd"):
+        tune_presets.main(["--optimizers", "sgd", "--set", "damping=0.1"])
