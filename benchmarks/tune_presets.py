@@ -1,4 +1,4 @@
-"""Tune each optimizer's learning rate for time_to_accuracy.py's CPU configuration, on held-out data.
+"""Tune each optimizer's learning rate for the `cpu` benchmark, on held-out data.
 
 The issue asks for each optimizer "with its own tuned preset". The paper's presets
 (examples/train.py) were tuned at the paper's width; time_to_accuracy.py's `cpu` configuration
@@ -18,7 +18,7 @@ reports:
               depend on what else the shared machine is doing. Ties go to the higher median final
               validation accuracy.
 
-    python benchmarks/tune_presets.py                 # ~12 minutes on the 2-core machine
+    python benchmarks/tune_presets.py                 # ~13 minutes on the 2-core machine
     python benchmarks/tune_presets.py --seeds 2 --optimizers tengrad kfac
     python benchmarks/tune_presets.py --optimizers tengrad --multipliers 3 \
         --set curvature_update_freq=20 --out /tmp/diagnose    # one variant, not a tuning
@@ -145,7 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **tta.run_header(NAME, argv),
         "config": {k: cfg[k] for k in ("width", "hidden", "batch_size", "max_steps", "eval_every",
                                        "train_split", "test_split", "seeds", "targets")},
-        "multipliers": list(args.multipliers), "paper_hparams": paper, "overrides": overrides, "runs": [], "chosen": {},
+        "multipliers": list(args.multipliers), "paper_hparams": paper, "overrides": overrides,
+        "runs": [], "chosen": {},
     }
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tune_") as scratch:

@@ -127,8 +127,7 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedIn
         return (tf.eye(d, dtype=SOLVE_DTYPE) - correction) / damped.damping, damped.damping
 
     inverse, lam = tf.cond(direct, direct_inverse, through_gram)
-    retries = damped.retries
-    return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, retries)
+    return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, damped.retries)
 
 
 def _as_solve_dtype(damping) -> tf.Tensor:

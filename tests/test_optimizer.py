@@ -1,5 +1,9 @@
 """TENGraD's step against the independent float64 reference (tests/reference.py), through `fit`."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
 import pytest
@@ -551,15 +555,11 @@ print("ok")
 """
 
 
-def test_train_step_graph_passes_grappler(tmp_path):
+def test_train_step_graph_passes_grappler():
     """Grappler must be able to optimize the step: when it cannot sort the graph (a while loop in
     a cond branch that it prunes, as the small blocks' explicit inverse once had), TF logs an
     error and runs the whole step unoptimized. Small blocks (the direct inverse), both Fisher
     modes, every-step and reused curvature, and K-FAC, with a static batch size."""
-    import os
-    import subprocess
-    import sys
-
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "CUDA_VISIBLE_DEVICES": ""}
     out = subprocess.run([sys.executable, "-c", _GRAPPLER_SCRIPT], capture_output=True,
                          text=True, env=env, timeout=300)
