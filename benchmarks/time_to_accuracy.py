@@ -596,12 +596,17 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def write_json(report: dict, path: Path) -> None:
+    """Through a temporary file: a long run rewrites it often, and never leaves half a JSON."""
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=1))
+    tmp.replace(path)
+
+
 def write_outputs(report: dict, out: Path, final: bool) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{NAME}.json", "md": out / f"{NAME}.md", "png": out / f"{NAME}.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")  # never leave a half-written JSON behind
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(paths["json"])
+    write_json(report, paths["json"])
     if final:
         paths["md"].write_text(markdown_table(report))
         plot(report, paths["png"])

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ast
 import inspect
-import json
 import math
 import statistics
 import sys
@@ -179,9 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _write(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{NAME}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    tta.write_json(report, path)
     return path
 
 

@@ -180,20 +180,26 @@ def consume() -> Record:
     return record
 
 
-def _record_output(record: Record, call: LayerCall) -> tf.Tensor:
-    """Identity on z whose gradient function stores the incoming ∂L/∂z in `call`."""
+def _gradient_tap(record: Record, call, attribute: str) -> Callable[[tf.Tensor], tf.Tensor]:
+    """An identity whose gradient function stores the incoming gradient as `call.<attribute>`
+    (unless the record is frozen) and passes it on unchanged."""
 
     @tf.custom_gradient
-    def identity(z):
-        def grad(dz):
+    def identity(v):
+        def grad(dv):
             if not record.frozen:
-                call.output_grad = dz
-            return dz
+                setattr(call, attribute, dv)
+            return dv
 
-        return tf.identity(z), grad
+        return tf.identity(v), grad
 
+    return identity
+
+
+def _record_output(record: Record, call: LayerCall) -> tf.Tensor:
+    """Identity on z whose gradient function stores the incoming ∂L/∂z in `call`."""
     with tf.name_scope("tengrad_capture"):  # marks capture's ops in profiles
-        return identity(call.preactivation)
+        return _gradient_tap(record, call, "output_grad")(call.preactivation)
 
 
 def _capturing_call(original: Callable) -> Callable:
@@ -263,17 +269,7 @@ def _record_loss_grad(record: Record, call: LossCall, value):
     loss_weights, or any factor a custom loop applies), and skips losses nobody differentiated."""
     if not tf.is_tensor(value) or not value.dtype.is_floating:
         return value
-
-    @tf.custom_gradient
-    def identity(v):
-        def grad(dv):
-            if not record.frozen:
-                call.loss_grad = dv
-            return dv
-
-        return tf.identity(v), grad
-
-    return identity(value)
+    return _gradient_tap(record, call, "loss_grad")(value)
 
 
 def unrecorded_loss(loss, y_true, y_pred, sample_weight=None):
