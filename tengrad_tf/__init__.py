@@ -2,8 +2,9 @@
 
 from tengrad_tf.optimizer import TENGraD
 from tengrad_tf.kfac import KFAC
-from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer
+from tengrad_tf.capture import AmbiguousStepError, BindingError
+from tengrad_tf.preconditioned import PreconditionedOptimizer
 from tengrad_tf import callbacks  # tengrad_tf.callbacks.StepCounters after `import tengrad_tf`
 
 __version__ = "0.1.0"
-__all__ = ["BindingError", "KFAC", "PreconditionedOptimizer", "TENGraD", "__version__", "callbacks"]
+__all__ = ["AmbiguousStepError", "BindingError", "KFAC", "PreconditionedOptimizer", "TENGraD", "__version__", "callbacks"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 from keras.src.backend.common import masking  # private: Keras 3 has no public mask accessor
+from keras.src.trainers.compile_utils import CompileLoss  # private: compile's loss container
 from tensorflow.python.eager import record  # private: no public "is a tape recording?" query
 from tensorflow.python.ops import control_flow_util  # private: no public "am I under XLA?" query
 
@@ -38,3 +39,11 @@ def outer_graph(graph):
     """The graph that `graph` is nested in (for a tf.function's or a tf.cond/while branch's graph,
     `FuncGraph.outer_graph`), or None for an outermost graph. FuncGraph is not public API."""
     return getattr(graph, "outer_graph", None)
+
+
+def is_compile_loss(loss) -> bool:
+    """Whether `loss` is the container `model.compile` builds around the user's losses.
+
+    Capture records the per-output losses inside it, not the container: those are the ones whose
+    predictive distribution the true Fisher samples from. CompileLoss is not public API."""
+    return isinstance(loss, CompileLoss)

@@ -1,34 +1,46 @@
-"""Capture of layer inputs, pre-activation outputs and output gradients.
+"""Capture of layer inputs, pre-activation outputs and output gradients, per backward pass.
 
 Keras never hands an optimizer its model: `build()` sees variables and `fit`'s train step only calls
-`scale_loss` and `apply_gradients`. So the layers record themselves. Once `install()` has run (every
-TENGraD/KFAC constructor calls it, before `compile` and therefore before the first trace), each call
-of a supported layer kind (Dense, Conv1D/2D) is routed through `_capturing_call`, which
+`scale_loss` and `apply_gradients`. So the layers record themselves. While capture is installed
+(as long as some TENGraD/KFAC instance is alive: `acquire`/`release`), each call of a supported
+layer kind (Dense, Conv1D/2D) made under a recording GradientTape is routed through
+`_capturing_call`, which
 
   * asks the layer's Fisher block for the pre-activation output z (the block knows its layer's math),
-  * passes z through an identity whose custom gradient stores ∂L/∂z when the loss is differentiated,
+  * passes z through an identity whose custom gradient stores ∂(target)/∂z for the backward pass
+    that is running,
   * applies the layer's activation as Keras would.
 
 Keras losses record (y_true, y_pred, sample_weight) the same way, which is what the true Fisher needs
 to sample labels from the model's predictive distribution.
 
-Records are kept per (graph, thread): inside `fit`'s `tf.function` the forward pass, the backward pass
-and `apply_gradients` are traced into one graph, so the optimizer finds the tensors of this very step
-there. When `apply` runs in a graph nested in that one (Keras's `LossScaleOptimizer` calls it inside a
-`tf.cond` branch under mixed_float16), `consume` finds the record in the enclosing graphs. Eager code
-(custom loops without `tf.function`, `run_eagerly=True`) uses a per-thread eager record instead.
-Replicas of `MirroredStrategy` run in their own threads, hence the thread key.
+Several optimizers, several losses, one step (a GAN's generator and discriminator): every
+`tf.GradientTape.gradient` call is one `BackwardPass`, which knows what it differentiated with
+respect to (its sources) and collects the output gradients that passed through the taps. A layer
+differentiated by two tapes keeps both. An optimizer takes the pass that produced its gradients (the
+one whose results it was handed, else the one whose sources hold its variables) and, from it, only
+the calls of the layers that own its variables (`Record.view_for`). Where that is ambiguous, it
+raises `AmbiguousStepError`, which names what to change: never a step with another loss's
+curvature.
+
+Records are kept per (graph, thread), on the graph: inside `fit`'s `tf.function` the forward pass,
+the backward pass and `apply_gradients` are traced into one graph, so the optimizer finds the tensors
+of this very step there. When `apply` runs in a graph nested in that one (Keras's
+`LossScaleOptimizer` calls it inside a `tf.cond` branch under mixed_float16), `step_record` finds
+the record in the enclosing graphs. Eager code (custom loops without `tf.function`,
+`run_eagerly=True`) uses a per-thread eager record, which a new forward pass resets. Replicas of
+`MirroredStrategy` run in their own threads, hence the thread key.
 
 `keras.optimizers.LossScaleOptimizer.scale_loss` records the loss scale it multiplied the loss with,
 so that the optimizer it wraps can unscale the captured output gradients (which carry that scale).
 
 What this module does not do: any Fisher math. It only hands tensors to the blocks.
 
-Private API: only `_tf_private.tape_is_recording`, `_tf_private.keras_mask` and
-`_tf_private.outer_graph` (see there). The patch replaces the public `call` methods of `keras.layers.Dense`,
-`keras.layers.Conv1D`/`Conv2D` (through their common base class, found from the public classes) and
-`keras.losses.Loss.__call__` and `keras.optimizers.LossScaleOptimizer.scale_loss`, and keeps the
-originals. Checked against Keras 3.15.
+Private API: only through `_tf_private`. The patch replaces the public `call` methods of
+`keras.layers.Dense`, `keras.layers.Conv1D`/`Conv2D` (through their common base class, found from
+the public classes), `keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss`
+and `tf.GradientTape.gradient`, and keeps the originals, which `release` puts back when the last
+optimizer is gone. Checked against Keras 3.15 and TensorFlow 2.21.
 """
 
 from __future__ import annotations
@@ -46,6 +58,22 @@ import tensorflow as tf
 from tengrad_tf import _tf_private
 
 _EAGER = "eager"
+# The attribute of a tf.Graph that holds its records ({thread id: Record}). On the graph, not in a
+# module-level map: the graph owns the tensors its records hold, so both go away together.
+_GRAPH_ATTRIBUTE = "_tengrad_records"
+
+
+class BindingError(RuntimeError):
+    """The optimizer could not find the layers of the variables it was asked to update."""
+
+    # Errors raised while tf.function traces a step with autograph (custom loops) keep their type
+    # only if autograph can rebuild them from a message, which it does for this constructor.
+    __init__ = Exception.__init__
+
+
+class AmbiguousStepError(BindingError):
+    """The step's backward passes do not say which loss an optimizer's gradients came from, or
+    they cannot give the exact Fisher (a gradient of a gradient)."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -55,8 +83,11 @@ class LayerCall:
     layer: keras.layers.Layer
     inputs: tf.Tensor
     preactivation: tf.Tensor
-    # ∂L/∂z from the backward pass of the training loss (None until that pass has run through here).
+    # ∂(target)/∂z of the backward pass an optimizer takes: set only on the copies that
+    # `Record.view_for` hands to one optimizer; None on the record's own calls.
     output_grad: tf.Tensor | None = None
+    # True once some backward pass ran through this call (eager: marks the end of its forward pass).
+    differentiated: bool = False
 
 
 @dataclasses.dataclass(eq=False)
@@ -70,28 +101,61 @@ class LossCall:
     # The Keras mask of y_pred (e.g. downstream of Embedding(mask_zero=True)), which Loss.__call__
     # applies; kept here because the optimizer evaluates the loss again on a gated copy of y_pred.
     mask: Any = None
-    # ∂(differentiated loss)/∂(this loss's value), set by the training backward pass: the loss's
-    # weight in the total (compile's loss_weights, times any loss scale). None if the loss was not
-    # differentiated (e.g. a loss computed only for a metric).
+    # ∂(target)/∂(this loss's value) in the optimizer's backward pass: the loss's weight in the
+    # differentiated total (compile's loss_weights, times any loss scale). Set only on the copies
+    # that `Record.view_for` hands to one optimizer; None there if that pass did not differentiate
+    # this loss (e.g. a loss computed only for a metric, or another optimizer's loss).
     loss_grad: Any = None
 
 
 @dataclasses.dataclass(eq=False)
+class BackwardPass:
+    """One differentiation in the step, and what it sent through the taps.
+
+    Tracked passes are `tf.GradientTape.gradient` calls: their sources and results are known.
+    Gradients taken any other way (a bare `tf.gradients` in a graph) go to the record's one
+    untracked pass, which cannot tell two such differentiations apart (`repeated`).
+    """
+
+    tracked: bool
+    sources: frozenset = frozenset()  # `source_keys` of what it differentiated with respect to
+    results: tuple = ()  # the gradient tensors it returned
+    output_grads: dict[int, tf.Tensor] = dataclasses.field(default_factory=dict)  # id(LayerCall)
+    loss_grads: dict[int, Any] = dataclasses.field(default_factory=dict)  # id(LossCall)
+    # Calls that an untracked differentiation reached twice: which gradient is whose is unknown.
+    repeated: set[int] = dataclasses.field(default_factory=set)
+    # Calls whose own backward pass this pass differentiated (a gradient penalty, a Hessian-vector
+    # product): their gradient is no longer a sum of per-sample outer products.
+    second_order: set[int] = dataclasses.field(default_factory=set)
+
+    def note(self, call, grads: dict, value) -> None:
+        if not self.tracked and id(call) in grads:
+            self.repeated.add(id(call))
+        grads[id(call)] = value
+
+
+@dataclasses.dataclass(eq=False)
 class Record:
-    """Everything captured since the optimizer last consumed a step, for one graph and thread."""
+    """Everything captured in one graph (or eagerly) and thread."""
 
     layer_calls: list[LayerCall] = dataclasses.field(default_factory=list)
     loss_calls: list[LossCall] = dataclasses.field(default_factory=list)
     # Layers of a supported kind that ran but cannot be preconditioned, with the reason.
     skipped: list[tuple[keras.layers.Layer, str]] = dataclasses.field(default_factory=list)
-    # While the optimizer differentiates its own sampled loss, the identities must not overwrite the
-    # training gradients they already hold.
+    # While the optimizer differentiates its own sampled loss, the taps must not record.
     frozen: bool = False
     # (LossScaleOptimizer, the scale its scale_loss multiplied the loss with) in this step.
     loss_scales: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    # The tracked passes that reached this record's taps, in order, and the untracked one.
+    passes: list[BackwardPass] = dataclasses.field(default_factory=list)
+    untracked: BackwardPass = dataclasses.field(
+        default_factory=lambda: BackwardPass(tracked=False))
     # The graph the record's tensors live in (a weak reference: the graph owns its records), or
     # None for the eager record.
     graph_ref: Any = None
+
+    def is_empty(self) -> bool:
+        return not (self.layer_calls or self.loss_calls or self.loss_scales or self.skipped)
 
     def as_default(self):
         """Context in which ops are built in the record's own graph (nothing to do eagerly).
@@ -104,22 +168,166 @@ class Record:
             return contextlib.nullcontext()
         return graph.as_default()
 
+    @contextlib.contextmanager
+    def frozen_taps(self):
+        """The taps record nothing inside (the optimizer's own differentiation of its sampled loss)."""
+        self.frozen = True
+        try:
+            yield
+        finally:
+            self.frozen = False
+
     def loss_scale_of(self, optimizer):
         """The scale a LossScaleOptimizer wrapping `optimizer` applied to this step's loss (None
         if none did: then the captured output gradients carry no such scale)."""
         scales = [s for lso, s in self.loss_scales if lso.inner_optimizer is optimizer]
         return scales[-1] if scales else None
 
+    def _note_pass(self, backward: BackwardPass) -> None:
+        if backward.tracked and not any(p is backward for p in self.passes):
+            self.passes.append(backward)
 
-# Eager records are dropped past this many layer calls without an optimizer step (e.g. a long eager
-# evaluation), so that capture never grows memory without bound.
+    # ---- one optimizer's view of the step ------------------------------------------------------
+    def pass_for(self, variables, grads) -> BackwardPass | None:
+        """The backward pass that produced `grads` for `variables` (None if none reached a tap).
+
+        First the pass that returned these very gradient tensors (Keras's fit, and custom loops
+        that hand the tape's gradients on unchanged); else the one pass whose sources hold the
+        variables (gradients transformed on the way, e.g. unscaled by a LossScaleOptimizer); else,
+        when no tracked pass reached the taps, the untracked one (bare `tf.gradients`).
+        """
+        present = [g for g in grads if g is not None]
+        by_result = [p for p in self.passes
+                     if present and all(any(g is r for r in p.results) for g in present)]
+        if len(by_result) == 1:
+            return by_result[0]
+        keys = set().union(*(source_keys(v) for v, g in zip(variables, grads) if g is not None))
+        by_source = [p for p in self.passes if p.sources & keys]
+        if len(by_source) == 1:
+            return by_source[0]
+        if len(by_source) > 1:
+            raise AmbiguousStepError(
+                f"{len(by_source)} GradientTape.gradient calls in this step differentiated with "
+                "respect to the variables of one TENGraD/KFAC optimizer, and the gradients it was "
+                "handed are not exactly those one call returned, so which loss they (and so the "
+                "Fisher) belong to is unknown. Take that optimizer's gradients with one "
+                "tape.gradient call per step and pass them to apply_gradients unchanged.")
+        if self.untracked.output_grads:
+            return self.untracked
+        return None
+
+    def view_for(self, variables, grads) -> "StepView":
+        """The step as one optimizer sees it: its backward pass's output gradients and loss
+        weights, on copies of the calls (the record itself is shared by every optimizer)."""
+        backward = self.pass_for(variables, grads)
+        if backward is None:
+            return StepView(self, None, [], [])
+        calls = [dataclasses.replace(c, output_grad=backward.output_grads[id(c)])
+                 for c in self.layer_calls if id(c) in backward.output_grads]
+        losses = [dataclasses.replace(c, loss_grad=backward.loss_grads.get(id(c)))
+                  for c in self.loss_calls]
+        return StepView(self, backward, calls, losses)
+
+
+@dataclasses.dataclass(eq=False)
+class StepView:
+    """One optimizer's share of a Record: `layer_calls` are the calls its backward pass reached
+    (with `output_grad` set), `loss_calls` every loss call (with that pass's `loss_grad`)."""
+
+    record: Record
+    backward: BackwardPass | None
+    layer_calls: list[LayerCall]
+    loss_calls: list[LossCall]
+
+    @property
+    def skipped(self):
+        return self.record.skipped
+
+    def as_default(self):
+        return self.record.as_default()
+
+    def frozen_taps(self):
+        return self.record.frozen_taps()
+
+    def loss_scale_of(self, optimizer):
+        return self.record.loss_scale_of(optimizer)
+
+    def check_exact(self, layer_calls: list[LayerCall]) -> None:
+        """Refuse calls whose output gradients cannot give the exact Fisher (see BackwardPass)."""
+        if self.backward is None:
+            return
+        for call in layer_calls:
+            if id(call_of(call, self.record)) in self.backward.second_order:
+                raise AmbiguousStepError(
+                    f"layer '{call.layer.name}' ({type(call.layer).__name__}) was differentiated "
+                    "through its own gradient in this step (a gradient penalty, or another "
+                    "gradient of a gradient): its gradient is then not a sum of per-sample outer "
+                    "products, and TENGraD/KFAC cannot precondition it exactly. Train that "
+                    "model with a first-order optimizer, or compute the penalty without "
+                    "differentiating through its layers.")
+            if id(call_of(call, self.record)) in self.backward.repeated:
+                raise AmbiguousStepError(
+                    f"layer '{call.layer.name}' ({type(call.layer).__name__}) was differentiated "
+                    "twice in this step outside tf.GradientTape (e.g. by tf.gradients), so which "
+                    "output gradient belongs to the optimizer's loss is unknown. Compute the "
+                    "gradients with tf.GradientTape.")
+
+    def losses_reaching(self, layer_calls: list[LayerCall]) -> list[LossCall]:
+        """The differentiated loss calls whose predictions depend on any of `layer_calls`.
+
+        In a graph, by walking the ops back from each loss's predictions; eagerly, where there is
+        no graph to walk, every loss this pass differentiated."""
+        differentiated = [c for c in self.loss_calls if c.loss_grad is not None]
+        targets = {c.preactivation.op for c in layer_calls if tf.is_symbolic_tensor(c.preactivation)}
+        if not targets:
+            return differentiated
+        return [c for c in differentiated if _depends_on(tf.nest.flatten(c.y_pred), targets)]
+
+
+def call_of(view_call: LayerCall, record: Record) -> LayerCall:
+    """The record's own call that a view's copy was made from (same layer and pre-activation)."""
+    for c in record.layer_calls:
+        if c.preactivation is view_call.preactivation:
+            return c
+    return view_call
+
+
+def _depends_on(tensors, target_ops) -> bool:
+    """Whether any of `tensors` is computed from an op in `target_ops` (a walk over op inputs)."""
+    stack = [t.op for t in tensors if tf.is_symbolic_tensor(t)]
+    if len(stack) < len(tensors):
+        return True  # an eager tensor: nothing to walk; count it as reached
+    seen = set()
+    while stack:
+        op = stack.pop()
+        if op in target_ops:
+            return True
+        if op in seen:
+            continue
+        seen.add(op)
+        stack.extend(t.op for t in op.inputs)
+    return False
+
+
+def source_keys(x) -> set[int]:
+    """The identity under which a differentiated source reaches an optimizer: Keras's fit and
+    custom loops hand the tape and apply_gradients the same variable objects."""
+    return {id(x)}
+
+
+# Eager records are dropped past this many layer calls without a backward pass reaching them (e.g.
+# a long eager evaluation under a tape), so that capture never grows memory without bound.
 _MAX_EAGER_CALLS = 10_000
 
 _state = threading.local()
-_graph_records: "weakref.WeakKeyDictionary[Any, dict[int, Record]]" = weakref.WeakKeyDictionary()
-_installed = False
-_originals: dict[Any, Callable] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()
+
+
+def _active_passes() -> list[BackwardPass]:
+    stack = getattr(_state, "passes", None)
+    if stack is None:
+        stack = _state.passes = []
+    return stack
 
 
 def _key():
@@ -139,56 +347,69 @@ def current_record() -> Record:
     return _graph_record(key)
 
 
+def _records_of(graph) -> dict[int, Record] | None:
+    return getattr(graph, _GRAPH_ATTRIBUTE, None)
+
+
 def _graph_record(graph) -> Record:
     with _lock:
-        per_thread = _graph_records.setdefault(graph, {})
+        per_thread = _records_of(graph)
+        if per_thread is None:
+            per_thread = {}
+            setattr(graph, _GRAPH_ATTRIBUTE, per_thread)
         return per_thread.setdefault(threading.get_ident(), Record(graph_ref=weakref.ref(graph)))
 
 
-def _step_graph():
-    """The graph holding this step's record: the current graph, or the nearest enclosing graph
-    (`FuncGraph.outer_graph`) whose record for this thread holds anything.
+def step_record() -> Record:
+    """The record of the step an optimizer is applying: the current graph's, or the nearest
+    enclosing graph's (`FuncGraph.outer_graph`) whose record for this thread holds anything.
 
     Layers record in the graph they run in, so a step whose `apply` is traced in a nested graph
     (a `tf.cond` branch of LossScaleOptimizer, a nested tf.function) finds its forward pass in an
     enclosing one. Sibling graphs (the body of a while loop a layer ran in) are never searched:
     their tensors cannot be used outside them.
+
+    Nothing is reset: every optimizer of the step reads the same record, each its own share of it.
+    A graph's record goes away with the graph; the eager record is reset by the next forward pass.
     """
+    if _key() is _EAGER:
+        return current_record()
     current = tf.compat.v1.get_default_graph()
     thread = threading.get_ident()
     graph = current
     with _lock:
         while graph is not None:
-            record = _graph_records.get(graph, {}).get(thread)
-            if record is not None and (record.layer_calls or record.loss_calls
-                                       or record.loss_scales or record.skipped):
-                return graph
+            record = (_records_of(graph) or {}).get(thread)
+            if record is not None and not record.is_empty():
+                return record
             graph = _tf_private.outer_graph(graph)  # None past the outermost graph
-    return current
+    return current_record()
 
 
-def consume() -> Record:
-    """Return this step's record and start a fresh one (called once per optimizer step)."""
-    if _key() is _EAGER:
-        record = current_record()
-        _state.eager = Record()
-        return record
-    graph = _step_graph()
-    record = _graph_record(graph)
-    with _lock:
-        _graph_records[graph][threading.get_ident()] = Record(graph_ref=weakref.ref(graph))
-    return record
+def _reset_eager_record() -> Record:
+    _state.eager = Record()
+    return _state.eager
 
 
-def _gradient_tap(record: Record, call, attribute: str) -> Callable[[tf.Tensor], tf.Tensor]:
-    """An identity whose gradient function stores the incoming gradient as `call.<attribute>`
-    (unless the record is frozen) and passes it on unchanged."""
+def _gradient_tap(record: Record, call, grads_of: Callable[[BackwardPass], dict]
+                  ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """An identity whose gradient function stores the incoming gradient in the running backward
+    pass (unless the record is frozen) and passes it on unchanged."""
 
     @tf.custom_gradient
     def identity(v):
         def grad(dv):
-            if not record.frozen:
-                setattr(call, attribute, dv)
+            if record.frozen:
+                return dv
+            stack = _active_passes()
+            backward = stack[-1] if stack else record.untracked
+            backward.note(call, grads_of(backward), dv)
+            record._note_pass(backward)
+            if isinstance(call, LayerCall):
+                call.differentiated = True
+            if _tf_private.tape_is_recording():
+                # This backward pass is itself being recorded: a later pass may differentiate it.
+                dv = _second_order_marker(record, call)(dv)
             return dv
 
         return tf.identity(v), grad
@@ -196,23 +417,36 @@ def _gradient_tap(record: Record, call, attribute: str) -> Callable[[tf.Tensor],
     return identity
 
 
-def _record_output(record: Record, call: LayerCall) -> tf.Tensor:
-    """Identity on z whose gradient function stores the incoming ∂L/∂z in `call`."""
-    with tf.name_scope("tengrad_capture"):  # marks capture's ops in profiles
-        return _gradient_tap(record, call, "output_grad")(call.preactivation)
+def _second_order_marker(record: Record, call) -> Callable[[tf.Tensor], tf.Tensor]:
+    """An identity on a backward-pass gradient: if a later pass differentiates through it, that
+    pass has differentiated the call's gradient (BackwardPass.second_order)."""
+
+    @tf.custom_gradient
+    def identity(v):
+        def grad(dv):
+            stack = _active_passes()
+            backward = stack[-1] if stack else record.untracked
+            backward.second_order.add(id(call))
+            record._note_pass(backward)
+            return dv
+
+        return tf.identity(v), grad
+
+    return identity
 
 
 def _capturing_call(original: Callable) -> Callable:
-    from tengrad_tf import _tf_private, blocks  # blocks import Keras layers; avoid a cycle
+    from tengrad_tf import blocks  # blocks import Keras layers; avoid a cycle
 
     @functools.wraps(original)
     def call(self, inputs, *args, **kwargs):
         block_class = blocks.block_class_for(self)
         if block_class is None or not self.trainable:
             return original(self, inputs, *args, **kwargs)
-        # Eagerly, only a call under a recording GradientTape can be part of a training step;
-        # recording others (an eager inference loop) would only hold their inputs in memory.
-        if tf.executing_eagerly() and not _tf_private.tape_is_recording():
+        # Only a call under a recording GradientTape can be part of a training step: an
+        # inference trace (predict, evaluate) or an eager inference loop gets no capture op and
+        # holds nothing in memory.
+        if not _tf_private.tape_is_recording():
             return original(self, inputs, *args, **kwargs)
         record = current_record()
         if record.frozen:
@@ -222,11 +456,11 @@ def _capturing_call(original: Callable) -> Callable:
             record.skipped.append((self, reason))
             return original(self, inputs, *args, **kwargs)
         if tf.executing_eagerly() and _starts_new_eager_step(record, self):
-            consume()  # drop the previous step's calls
-            record = current_record()
+            record = _reset_eager_record()
         z = block_class.preactivation(self, inputs)
         layer_call = LayerCall(layer=self, inputs=inputs, preactivation=z)
-        z = _record_output(record, layer_call)
+        with tf.name_scope("tengrad_capture"):  # marks capture's ops in profiles
+            z = _gradient_tap(record, layer_call, lambda p: p.output_grads)(z)
         layer_call.preactivation = z
         record.layer_calls.append(layer_call)
         return self.activation(z) if self.activation is not None else z
@@ -235,11 +469,11 @@ def _capturing_call(original: Callable) -> Callable:
 
 
 def _starts_new_eager_step(record: Record, layer) -> bool:
-    """Eager code has no graph to scope a step: a layer that runs again after the backward pass
-    reached its last call begins the next step's forward pass, so the old calls are dropped."""
+    """Eager code has no graph to scope a step: a layer that runs again after a backward pass
+    reached one of its calls begins the next step's forward pass, so the old record is dropped."""
     if len(record.layer_calls) >= _MAX_EAGER_CALLS:
         return True
-    return any(c.layer is layer and c.output_grad is not None for c in record.layer_calls)
+    return any(c.layer is layer and c.differentiated for c in record.layer_calls)
 
 
 def _capturing_loss_call(original: Callable) -> Callable:
@@ -247,40 +481,29 @@ def _capturing_loss_call(original: Callable) -> Callable:
     def __call__(self, y_true, y_pred, sample_weight=None):
         # CompileLoss is the container `compile` builds; the per-output losses inside it are the ones
         # whose predictive distribution we can sample from.
-        if not _is_container_loss(self):
+        if not _tf_private.is_compile_loss(self) and _tf_private.tape_is_recording():
             record = current_record()
             if not record.frozen:
-                from tengrad_tf import _tf_private
-
                 mask = _tf_private.keras_mask(y_pred) if tf.is_tensor(y_pred) else None
                 call = LossCall(self, y_true, y_pred, sample_weight, mask=mask)
                 record.loss_calls.append(call)
-                return _record_loss_grad(record, call,
-                                         original(self, y_true, y_pred, sample_weight))
+                value = original(self, y_true, y_pred, sample_weight)
+                if not tf.is_tensor(value) or not value.dtype.is_floating:
+                    return value
+                # The true Fisher weights each output's sampled loss as the differentiated loss
+                # weights it (compile's loss_weights, or any factor a custom loop applies), and
+                # skips losses a pass did not differentiate.
+                return _gradient_tap(record, call, lambda p: p.loss_grads)(value)
         return original(self, y_true, y_pred, sample_weight)
 
     return __call__
 
 
-def _record_loss_grad(record: Record, call: LossCall, value):
-    """Identity on a loss value whose gradient function stores ∂(total loss)/∂value in `call`.
-
-    The true Fisher weights each output's sampled loss as the training loss weights it (compile's
-    loss_weights, or any factor a custom loop applies), and skips losses nobody differentiated."""
-    if not tf.is_tensor(value) or not value.dtype.is_floating:
-        return value
-    return _gradient_tap(record, call, "loss_grad")(value)
-
-
 def unrecorded_loss(loss, y_true, y_pred, sample_weight=None):
     """`loss(y_true, y_pred, sample_weight)` without recording it: the optimizer's own evaluation
     of the loss at sampled labels is not part of the step."""
-    original = _originals.get(keras.losses.Loss, keras.losses.Loss.__call__)
+    original = _originals.get((keras.losses.Loss, "__call__"), keras.losses.Loss.__call__)
     return original(loss, y_true, y_pred, sample_weight)
-
-
-def _is_container_loss(loss) -> bool:
-    return type(loss).__name__ == "CompileLoss"
 
 
 def _capturing_scale_loss(original: Callable) -> Callable:
@@ -299,6 +522,28 @@ def _capturing_scale_loss(original: Callable) -> Callable:
     return scale_loss
 
 
+def _tracking_gradient(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def gradient(self, target, sources, *args, **kwargs):
+        keys = frozenset().union(*(source_keys(s) for s in tf.nest.flatten(sources)))
+        backward = BackwardPass(tracked=True, sources=keys)
+        stack = _active_passes()
+        stack.append(backward)
+        try:
+            result = original(self, target, sources, *args, **kwargs)
+        finally:
+            stack.pop()
+        backward.results = tuple(r for r in tf.nest.flatten(result) if r is not None)
+        return result
+
+    return gradient
+
+
+# ---- installing the patch, for as long as some optimizer lives -------------------------------
+_originals: dict[Any, Callable] = {}
+_users = 0
+
+
 def patched_classes() -> list[type]:
     """Layer classes whose `call` capture replaces: Dense, Conv1D and the base of Conv2D/3D."""
     conv_base = keras.layers.Conv2D.__mro__[1]  # BaseConv, shared by Conv1D/Conv2D/Conv3D
@@ -306,37 +551,42 @@ def patched_classes() -> list[type]:
     return [keras.layers.Dense, conv_base, keras.layers.Conv1D]  # Conv1D overrides call
 
 
-def install() -> None:
-    """Route supported layers and Keras losses through capture. Idempotent and thread-safe."""
-    global _installed
-    with _lock:
-        if _installed:
-            return
-        for cls in patched_classes():
-            _originals[cls] = cls.call
-            cls.call = _capturing_call(cls.call)
-        _originals[keras.losses.Loss] = keras.losses.Loss.__call__
-        keras.losses.Loss.__call__ = _capturing_loss_call(keras.losses.Loss.__call__)
-        lso = keras.optimizers.LossScaleOptimizer
-        _originals[lso] = lso.scale_loss
-        lso.scale_loss = _capturing_scale_loss(lso.scale_loss)
-        _installed = True
+def _patches() -> list[tuple[Any, str, Callable]]:
+    """(owner, attribute, wrapper factory) of every method capture replaces."""
+    return ([(cls, "call", _capturing_call) for cls in patched_classes()] + [
+        (keras.losses.Loss, "__call__", _capturing_loss_call),
+        (keras.optimizers.LossScaleOptimizer, "scale_loss", _capturing_scale_loss),
+        (tf.GradientTape, "gradient", _tracking_gradient),
+    ])
 
 
-def uninstall() -> None:
-    """Restore the original methods (tests use this to show that capture is what binds)."""
-    global _installed
+def acquire(owner) -> None:
+    """Install capture for as long as `owner` (a TENGraD/KFAC instance) lives.
+
+    The patch is process-wide while installed (every Dense/Conv call under a recording tape gets a
+    tap), so it is removed as soon as the last owner is garbage-collected: a model traced after
+    that, with any optimizer, carries no capture op. Thread-safe."""
+    global _users
     with _lock:
-        for cls, original in _originals.items():
-            if cls is keras.losses.Loss:
-                cls.__call__ = original
-            elif cls is keras.optimizers.LossScaleOptimizer:
-                cls.scale_loss = original
-            else:
-                cls.call = original
-        _originals.clear()
-        _installed = False
+        if _users == 0:
+            for owner_class, name, wrap in _patches():
+                original = getattr(owner_class, name)
+                _originals[(owner_class, name)] = original
+                setattr(owner_class, name, wrap(original))
+        _users += 1
+    weakref.finalize(owner, _release)
+
+
+def _release() -> None:
+    global _users
+    with _lock:
+        _users -= 1
+        if _users == 0:
+            for (owner_class, name), original in _originals.items():
+                setattr(owner_class, name, original)
+            _originals.clear()
 
 
 def is_installed() -> bool:
-    return _installed
+    """Whether capture is installed now (some TENGraD/KFAC instance is alive)."""
+    return _users > 0

@@ -41,6 +41,7 @@ import tensorflow as tf
 from keras import ops
 
 from tengrad_tf import _tf_private, capture, distribute, fisher
+from tengrad_tf.capture import BindingError
 
 logger = logging.getLogger("tengrad_tf")
 
@@ -48,10 +49,6 @@ FIRST_ORDER_OTHER = (
     "first-order: no preconditioned layer owns it (BatchNormalization, LayerNormalization, "
     "Embedding, DepthwiseConv2D, custom layers, ...), or its layer did not run in the step"
 )
-
-
-class BindingError(RuntimeError):
-    """The optimizer could not find the layers of the variables it was asked to update."""
 
 
 class PreconditionedOptimizer(keras.optimizers.Optimizer):
@@ -88,10 +85,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.seed = seed
         self._blocks: dict[int, Any] = {}
         self._treatments: dict[str, str] = {}
+        self._warned_first_order: list[str] = []
         self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
-        # created before `compile`, so this is the place.
-        capture.install()
+        # created before `compile`, so this is the place. It stays installed while this optimizer
+        # lives (capture.acquire).
+        capture.acquire(self)
 
     def _make_block(self, layer):
         """The curvature block of a supported layer: the one method every subclass overrides
@@ -129,12 +128,16 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 raise ValueError(f"{self.name}.apply without variables needs a built optimizer.")
             trainable_variables = self._trainable_variables
         trainable_variables = list(trainable_variables)
+        grads = list(grads)
+        # This optimizer's share of the step: the backward pass its gradients came from, and in it
+        # the calls of the layers that own its variables (capture.Record.view_for). Found from the
+        # gradient tensors as handed over, before anything below replaces them.
+        record = capture.step_record().view_for(trainable_variables, grads)
         # Embedding gradients arrive as IndexedSlices; ⟨d, g⟩, the KL clip and the finiteness
         # check need dense tensors (an IndexedSlices cannot be multiplied), so they are densified.
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if not self.built:
             self.build(trainable_variables)
-        record = capture.consume()
         blocks = self._bind(record, trainable_variables, grads)
         # Keras unscales by loss_scale_factor inside super().apply; the curvature and the KL clip
         # need the true gradient, so unscale here and scale the direction back for Keras.
@@ -243,14 +246,15 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         return [None if d is None else d * tf.cast(nu, d.dtype) for d in directions]
 
     # ---- binding -----------------------------------------------------------------------------
-    def _bind(self, record: capture.Record, variables, grads) -> list[tuple[Any, list]]:
-        """Match this step's captured layer calls to the variables; record every variable's fate."""
+    def _bind(self, record: capture.StepView, variables, grads) -> list[tuple[Any, list]]:
+        """Match this step's captured layer calls to the variables; record every variable's fate.
+
+        The view holds only the calls that this optimizer's backward pass reached (not, say, a
+        forward pass for a metric, or another optimizer's loss); of those, the layers whose
+        variables are all this optimizer's get a block."""
         calls_by_layer: dict[int, list[capture.LayerCall]] = {}
         for call in record.layer_calls:
-            # Only calls on the path of the differentiated loss belong to this step (not, say, a
-            # forward pass for a metric); the training backward pass marks them in both modes.
-            if call.output_grad is not None:
-                calls_by_layer.setdefault(id(call.layer), []).append(call)
+            calls_by_layer.setdefault(id(call.layer), []).append(call)
         owned = {id(v) for v in variables}
         pairs = []
         treatments = {}
@@ -258,6 +262,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             layer = calls[0].layer
             if not all(id(v) in owned for v in [layer.kernel] + ([layer.bias] if layer.bias is not None else [])):
                 continue  # a layer of another model, or frozen weights in a trainable layer
+            record.check_exact(calls)
             block = self._blocks.get(id(layer))
             if block is None:
                 block = self._blocks[id(layer)] = self._make_block(layer)
@@ -283,7 +288,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if not pairs and any(g is not None for g in grads):
             raise BindingError(
                 f"{type(self).__name__} found no layer to precondition among the variables it was given "
-                f"({len(variables)} variables, {len(record.layer_calls)} captured layer calls). "
+                f"({len(variables)} variables, {len(record.layer_calls)} captured layer calls in "
+                "the backward pass of its gradients). "
                 "Dense and Conv1D/Conv2D layers are preconditioned; the forward pass, the loss "
                 "gradient and apply_gradients must run in the same tf.function (model.fit does "
                 "this) or all eagerly, and the optimizer must exist before the model is "
@@ -291,7 +297,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 "optimizer."
             )
         first_order = [p for p, t in self._treatments.items() if t.startswith("first-order")]
-        if first_order:
+        # Once per optimizer for a given set: fit may trace its step more than once.
+        if first_order and first_order != self._warned_first_order:
+            self._warned_first_order = first_order
             logger.warning("%s: %d of %d variables are first-order (d = g): %s. "
                            "optimizer.summary() lists why.", type(self).__name__, len(first_order),
                            len(self._treatments), ", ".join(first_order))
@@ -305,11 +313,15 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         """
         if not pairs:
             return {}
+        flat = [c for _, calls in pairs for c in calls]
+        # The losses of this optimizer's backward pass that reach its layers: another optimizer's
+        # loss, or one that depends on other layers only, plays no part in its Fisher.
+        losses = record.losses_reaching(flat)
         if self.fisher == fisher.EMPIRICAL:
-            factor = _batch_mean_factor(record)
+            factor = _batch_mean_factor(losses)
             # The backward pass gives wᵢ·∂ℓᵢ/∂zᵢ for a weighted loss; the Fisher weights samples as
             # the loss does, F = (1/m) Σ wᵢ uᵢuᵢᵀ, so the rows are rescaled by 1/√wᵢ.
-            root_w = _root_sample_weight(record)
+            root_w = _root_sample_weight(losses)
             # The training loss was multiplied by our loss_scale_factor or, under mixed_float16, by
             # the dynamic scale of the LossScaleOptimizer wrapping us (which sets ours to None);
             # its backward pass carries the scale. Unscaled in float32: in float16 it would
@@ -323,7 +335,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
 
             return {id(b): [_weighted_rows(unscaled(c), root_w, divide=True) for c in calls]
                     for b, calls in pairs}
-        if not any(c.loss_grad is not None for c in record.loss_calls):
+        if not losses:
             raise BindingError(
                 "fisher='true' needs to see the loss to sample labels from the model's predictions, "
                 "but no keras.losses.Loss was part of the differentiated loss in this step. "
@@ -337,10 +349,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 "(model.fit does this unless run_eagerly=True). Wrap the custom train step in "
                 "tf.function, or use fisher='empirical'."
             )
-        for call in record.loss_calls:
-            if call.loss_grad is not None:  # a loss computed only for a metric need not be sampled
-                fisher.check_supported(call.loss)
-        flat = [c for _, calls in pairs for c in calls]
+        for call in losses:
+            fisher.check_supported(call.loss)
         # The sampled backward pass is needed only on steps where some block refreshes its
         # curvature (1 in curvature_update_freq). A tf.cond cannot hold it (the gradient of tensors
         # computed outside a branch does not exist inside it), so the pass is gated with dataflow
@@ -349,26 +359,23 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # (grad_ys), not on the loss's input: the gradient of a Switch is a Merge with zeros, which
         # would revive the whole backward pass on gated-off steps (the profile showed exactly that).
         gate = None if _tf_private.in_xla_context() else fresh
-        record.frozen = True  # the identities keep the training gradients they hold
-        try:
+        with record.frozen_taps():  # the taps keep the training gradients they hold
             # In the loss's dtype, as Keras's Loss.__call__ computes the training loss (float32
             # for float16 predictions under mixed precision).
             loss_calls = [dataclasses.replace(c, y_pred=tf.nest.map_structure(
-                lambda t, c=c: tf.cast(t, c.loss.dtype), c.y_pred)) for c in record.loss_calls]
+                lambda t, c=c: tf.cast(t, c.loss.dtype), c.y_pred)) for c in losses]
             # Each loss's weight in the training loss came from its backward pass, which carries
             # the loss scale like the output gradients do.
             lso_scale = record.loss_scale_of(self)
             unscale = tf.cast(loss_scale, tf.float64) * (
                 1.0 if lso_scale is None else tf.cast(lso_scale, tf.float64))
-            loss_calls = [c if c.loss_grad is None else dataclasses.replace(
-                c, loss_grad=tf.cast(c.loss_grad, tf.float64) / unscale) for c in loss_calls]
+            loss_calls = [dataclasses.replace(c, loss_grad=tf.cast(c.loss_grad, tf.float64) / unscale)
+                          for c in loss_calls]
             sampled = fisher.sampled_loss_sum(
                 loss_calls, fisher.step_key(self._resume_state.sampling_seed, self.iterations))
             seed = None if gate is None else tf.raw_ops.Switch(data=tf.ones_like(sampled),
                                                                 pred=gate)[1]
             grads = tf.gradients(sampled, [c.preactivation for c in flat], grad_ys=seed)
-        finally:
-            record.frozen = False
         if gate is not None:
             # Merge takes whichever input is alive: the sampled gradient, or zeros when gated off.
             # The zeros are shaped from the pre-activation, which is alive, not from g, which is
@@ -512,33 +519,43 @@ def _inner_product(directions, grads) -> tf.Tensor:
     return tf.add_n([tf.reduce_sum(tf.cast(tf.stack(s), tf.float64)) for s in sums.values()])
 
 
-def _batch_mean_factor(record: capture.Record):
+def _batch_mean_factor(losses: list[capture.LossCall]):
     """m·R for losses averaged over the batch (Keras's default), 1 for summed ones.
 
     ∂ℓᵢ/∂zᵢ = m · (∂L/∂z)ᵢ when L is the mean over the m samples of the replica's batch; under
     tf.distribute a Keras Loss also divides such a mean by the R replicas in sync
-    (keras.losses.loss.reduce_values), but leaves a summed loss as it is.
+    (keras.losses.loss.reduce_values), but leaves a summed loss as it is. A loss computed without a
+    Keras Loss is taken to be a batch mean, as Keras's own are by default. `losses` are those that
+    reach the optimizer's layers: summed and averaged ones together would mix the two factors in
+    one output gradient, which cannot be undone, so that is refused.
     """
-    summed = any(getattr(c.loss, "reduction", None) == "sum" for c in record.loss_calls)
+    summed = {getattr(c.loss, "reduction", None) == "sum" for c in losses}
+    if len(summed) > 1:
+        raise BindingError(
+            "fisher='empirical': losses with reduction='sum' and averaged losses reach the same "
+            "optimizer's layers in one step, so the per-sample output gradients cannot be "
+            "recovered from their sum. Use one reduction for all, or fisher='true' (it samples "
+            "each loss with its own reduction).")
     replica = tf.distribute.get_replica_context()
     replicas = replica.num_replicas_in_sync if replica is not None else 1
 
     def factor(call):
-        if summed:
+        if summed == {True}:
             return tf.constant(1.0, tf.float32)
         return tf.cast(tf.shape(call.output_grad)[0] * replicas, tf.float32)
 
     return factor
 
 
-def _root_sample_weight(record: capture.Record):
-    """√wᵢ of the step's per-sample loss weights (None if unweighted).
+def _root_sample_weight(losses: list[capture.LossCall]):
+    """√wᵢ of the step's per-sample loss weights (None if unweighted), of the losses that reach
+    the optimizer's layers.
 
     Keras passes `sample_weight` (and `class_weight`, converted) to the loss. With several weighted
     losses the training backward pass mixes their weights in each layer's output gradient, which
     cannot be undone per loss: that case is refused rather than silently mis-weighted.
     """
-    weighted = [c for c in record.loss_calls if c.sample_weight is not None]
+    weighted = [c for c in losses if c.sample_weight is not None]
     if not weighted:
         return None
     if len(weighted) > 1:

@@ -20,6 +20,32 @@ def per_sample_gradients(model, x, y, per_sample_loss, variables):
     return {v.path: np.reshape(j.numpy().astype(np.float64), (m, -1)) for v, j in zip(variables, jac)}
 
 
+def jacobian_rows(per_sample_losses, variables):
+    """{variable path: (m, variable.size)}: rows of ∂ℓᵢ/∂θ for the m-vector `per_sample_losses()`."""
+    with tf.GradientTape() as tape:
+        losses = per_sample_losses()
+    jac = tape.jacobian(losses, variables)
+    m = int(losses.shape[0])
+    return {v.path: np.reshape(j.numpy().astype(np.float64), (m, -1)) for v, j in zip(variables, jac)}
+
+
+def natural_gradient(per_sample_losses, fisher_losses, blocks, damping):
+    """{variable path: d} for every variable of `blocks` ([(kernel, bias or None)]): the mean
+    gradient of `per_sample_losses()` preconditioned block by block with the damped Fisher of the
+    per-sample gradients of `fisher_losses()` (the same function for the empirical Fisher)."""
+    variables = [v for block in blocks for v in block if v is not None]
+    g_rows = jacobian_rows(per_sample_losses, variables)
+    u_rows = g_rows if fisher_losses is per_sample_losses else jacobian_rows(fisher_losses,
+                                                                              variables)
+    out = {}
+    for block in blocks:
+        vs = [v for v in block if v is not None]
+        ds = block_direction([u_rows[v.path] for v in vs], [g_rows[v.path].mean(0) for v in vs],
+                             damping)
+        out.update({v.path: d for v, d in zip(vs, ds)})
+    return out
+
+
 def block_direction(u_blocks, g_blocks, damping):
     """d = (F + λI)⁻¹ g for one block. u_blocks: list of (m, size) for kernel, bias; g likewise."""
     u = np.concatenate(u_blocks, axis=1).T  # (d, m)

@@ -180,4 +180,4 @@ def test_capture_records_the_scale_that_scale_loss_applied():
         recorded = capture.current_record().loss_scale_of(inner)
         assert float(recorded) == float(scaled) / 3.0 == scale
         assert capture.current_record().loss_scale_of(tengrad()) is None  # another optimizer's
-    capture.consume()
+    capture._reset_eager_record()

@@ -62,3 +62,13 @@ def test_outer_graph_leads_from_a_cond_branch_to_its_function():
     assert _tf_private.outer_graph(seen["branch"]) is seen["function"]
     outermost = _tf_private.outer_graph(seen["function"])  # the global graph tf.function runs in
     assert outermost is not None and _tf_private.outer_graph(outermost) is None
+
+
+def test_compile_loss_is_the_container_compile_builds():
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    model.compile(loss="mse")
+    containers = [v for v in vars(model).values() if _tf_private.is_compile_loss(v)]
+    assert len(containers) == 1  # compile built one, and it is recognized
+    assert not _tf_private.is_compile_loss(keras.losses.MeanSquaredError())
