@@ -45,8 +45,13 @@ def profile_step_table(report) -> str:
     return markdown_table(report)
 
 
+def capture_overhead_table(report) -> str:
+    from benchmarks.capture_overhead import markdown_table
+    return markdown_table(report)
+
+
 TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table,
-          "profile_step": profile_step_table}
+          "profile_step": profile_step_table, "capture_overhead": capture_overhead_table}
 
 
 def extra_tables() -> dict:

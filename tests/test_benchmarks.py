@@ -319,3 +319,21 @@ def test_tune_presets_overrides_are_parsed_and_checked():
     assert "curvature_update_freq" not in tune_presets.accepted_hparams("kfac")
     with pytest.raises(SystemExit, match="not a hyperparameter of sgd"):
         tune_presets.main(["--optimizers", "sgd", "--set", "damping=0.1"])
+
+
+# ----------------------------------------------------------------------------- capture_overhead.py
+
+
+def test_capture_overhead_counts_capture_ops_and_writes_a_table(tmp_path):
+    """The clean trace has no capture op and the captured one has some: the measurement compares
+    what it says it compares."""
+    from benchmarks import capture_overhead, update_readme
+
+    capture_overhead.main(["--models", "mlp", "--steps", "2", "--rounds", "1", "--warmup", "1",
+                           "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "capture_overhead.json").read_text())
+    (row,) = report["results"]
+    assert row["capture_ops_in_training_graph"]["clean"] == 0
+    assert row["capture_ops_in_training_graph"]["captured"] > 0
+    assert update_readme.TABLES["capture_overhead"](report) == (
+        tmp_path / "capture_overhead.md").read_text()
