@@ -393,3 +393,29 @@ def load(name: str, split: str, batch_size: int, *,
 
     ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def synthetic_text(n: int, *, vocab_size: int = 2000, length: int = 40, classes: int = 4,
+                   keywords: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A learnable sequence-classification task for text models (Embedding, Conv1D, attention).
+
+    Each class owns `keywords` token ids (ids 1 … classes·keywords; 0 is left free for padding).
+    A sequence is `length` filler tokens drawn from the rest of the vocabulary, with 2–5
+    keywords of its class and fewer keywords of other classes written at random positions; its
+    label is the class with the most keywords, so a model must find and count them. Returns
+    (tokens int32 (n, length), labels int64 (n,)), the same for the same seed.
+    """
+    if classes * keywords + 1 >= vocab_size:
+        raise ValueError(f"vocab_size={vocab_size} leaves no filler tokens beside "
+                         f"{classes}×{keywords} keywords")
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(classes * keywords + 1, vocab_size, size=(n, length))
+    labels = rng.integers(0, classes, size=n)
+    for i in range(n):
+        own = rng.integers(2, 6)
+        others = rng.integers(0, own)  # strictly fewer than the label's own keywords
+        kinds = [labels[i]] * own + list(rng.choice(
+            [c for c in range(classes) if c != labels[i]], size=others))
+        where = rng.choice(length, size=len(kinds), replace=False)
+        tokens[i, where] = [1 + c * keywords + rng.integers(keywords) for c in kinds]
+    return tokens.astype(np.int32), labels.astype(np.int64)

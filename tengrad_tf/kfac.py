@@ -305,6 +305,8 @@ class KFAC(PreconditionedOptimizer):
         weight_decay=None,
         fisher="true",
         kl_clip=1e-3,
+        first_order="adam",
+        first_order_learning_rate=1e-3,
         stat_decay=0.95,
         cov_update_freq=20,
         inv_update_freq=100,
@@ -328,7 +330,9 @@ class KFAC(PreconditionedOptimizer):
         check("inv_update_freq", inv_update_freq, is_int(inv_update_freq, 1), "expected an int >= 1")
         super().__init__(
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-            fisher=fisher, kl_clip=kl_clip, max_consecutive_skips=max_consecutive_skips, seed=seed,
+            fisher=fisher, kl_clip=kl_clip, first_order=first_order,
+            first_order_learning_rate=first_order_learning_rate,
+            max_consecutive_skips=max_consecutive_skips, seed=seed,
             clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
             use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,

@@ -77,6 +77,8 @@ class TENGraD(PreconditionedOptimizer):
         fisher="true",
         curvature_update_freq=100,
         kl_clip=1e-2,
+        first_order="adam",
+        first_order_learning_rate=1e-3,
         memory_budget=256 * 2**20,
         max_damping_retries=6,
         max_consecutive_skips=50,
@@ -107,7 +109,9 @@ class TENGraD(PreconditionedOptimizer):
               "expected None or an int >= 1")
         super().__init__(
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
-            fisher=fisher, kl_clip=kl_clip, max_consecutive_skips=max_consecutive_skips, seed=seed,
+            fisher=fisher, kl_clip=kl_clip, first_order=first_order,
+            first_order_learning_rate=first_order_learning_rate,
+            max_consecutive_skips=max_consecutive_skips, seed=seed,
             clipnorm=clipnorm, clipvalue=clipvalue, global_clipnorm=global_clipnorm,
             use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency, loss_scale_factor=loss_scale_factor,

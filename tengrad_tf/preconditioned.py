@@ -45,6 +45,12 @@ from tengrad_tf.capture import BindingError
 
 logger = logging.getLogger("tengrad_tf")
 
+# How variables without a block step (`first_order`): Keras's Adam, or the heavy-ball step of the
+# preconditioned ones with d = g ("sgd") or d = g/λ ("damped": F = 0, the block's null space).
+FIRST_ORDER_ADAM, FIRST_ORDER_SGD, FIRST_ORDER_DAMPED = "adam", "sgd", "damped"
+FIRST_ORDER_RULES = (FIRST_ORDER_ADAM, FIRST_ORDER_SGD, FIRST_ORDER_DAMPED)
+ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7
+
 FIRST_ORDER_OTHER = (
     "first-order: no preconditioned layer owns it (BatchNormalization, LayerNormalization, "
     "Embedding, DepthwiseConv2D, custom layers, ...), or its layer did not run in the step"
@@ -59,10 +65,10 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
     standard Keras optimizer argument (see TENGraD for their meaning).
     """
 
-    def __init__(self, learning_rate, momentum, weight_decay, fisher, kl_clip,
-                 max_consecutive_skips, seed, clipnorm, clipvalue, global_clipnorm, use_ema,
-                 ema_momentum, ema_overwrite_frequency, loss_scale_factor,
-                 gradient_accumulation_steps, name, **kwargs):
+    def __init__(self, learning_rate, momentum, weight_decay, fisher, kl_clip, first_order,
+                 first_order_learning_rate, max_consecutive_skips, seed, clipnorm, clipvalue,
+                 global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
+                 loss_scale_factor, gradient_accumulation_steps, name, **kwargs):
         validate_common(locals())
         super().__init__(
             learning_rate=learning_rate,
@@ -81,6 +87,14 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.momentum = float(momentum)
         self.fisher = fisher
         self.kl_clip = None if kl_clip is None else float(kl_clip)
+        self.first_order = first_order
+        self.first_order_learning_rate = float(first_order_learning_rate)
+        # lr at construction: the first-order rate follows later changes of the learning rate
+        # (a schedule, or a callback setting it) in proportion.
+        self._reference_learning_rate = _reference_value(learning_rate)
+        # Indices of the variables the last traced step gave a first-order step (set by `apply`
+        # before Keras's `apply` calls `update_step` in the same trace).
+        self._first_order_indices: frozenset[int] = frozenset()
         self.max_consecutive_skips = int(max_consecutive_skips)
         self.seed = seed
         self._blocks: dict[int, Any] = {}
@@ -102,7 +116,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
+        # For a variable without a block, with first_order="adam", its momentum slot is Adam's
+        # first moment and `_velocities` its second; which variables those are is only known
+        # when the step is bound, so every variable gets a slot (memory: one copy of the weights).
         self._momentums = self.add_optimizer_variables(var_list, "momentum")
+        if self.first_order == FIRST_ORDER_ADAM:
+            self._velocities = self.add_optimizer_variables(var_list, "velocity")
         self.skipped_steps = self.add_variable((), initializer="zeros", dtype="int64",
                                                name="skipped_steps")
         self.consecutive_skips = self.add_variable((), initializer="zeros", dtype="int64",
@@ -111,7 +130,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                                                  name="damping_retries")
 
     def update_step(self, gradient, variable, learning_rate):
-        """Momentum on the (already preconditioned and clipped) direction `gradient`."""
+        """Momentum on the (already preconditioned and clipped) direction `gradient`; Adam for a
+        variable without a block under first_order="adam"."""
+        index = self._get_variable_index(variable)
+        if self.first_order == FIRST_ORDER_ADAM and index in self._first_order_indices:
+            self._adam_step(gradient, variable, index, learning_rate)
+            return
         lr = ops.cast(learning_rate, variable.dtype)
         d = ops.cast(gradient, variable.dtype)
         if self.momentum == 0.0:
@@ -120,6 +144,26 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         buf = self._momentums[self._get_variable_index(variable)]
         self.assign(buf, ops.add(ops.multiply(buf, self.momentum), d))
         self.assign_sub(variable, ops.multiply(buf, lr))
+
+    def _adam_step(self, gradient, variable, index, learning_rate):
+        """Adam (β₁ 0.9, β₂ 0.999, ε 1e-7, as Keras's) at first_order_learning_rate, which follows
+        the learning rate in proportion: η(t) = first_order_learning_rate · lr(t) / lr(0)."""
+        dtype = variable.dtype
+
+        def const(x):  # not ops.cast: a Python float would go through float32 first
+            return ops.convert_to_tensor(x, dtype=dtype)
+
+        g = ops.cast(gradient, dtype)
+        t = ops.cast(self.iterations + 1, dtype)
+        eta = const(self.first_order_learning_rate / self._reference_learning_rate) * ops.cast(
+            learning_rate, dtype)
+        eta = eta * ops.sqrt(1 - ops.power(const(ADAM_BETA_2), t)) / (
+            1 - ops.power(const(ADAM_BETA_1), t))
+        m, v = self._momentums[index], self._velocities[index]
+        self.assign_add(m, ops.multiply(ops.subtract(g, m), const(1 - ADAM_BETA_1)))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(g), v), const(1 - ADAM_BETA_2)))
+        self.assign_sub(variable, ops.divide(ops.multiply(m, eta),
+                                             ops.add(ops.sqrt(v), const(ADAM_EPSILON))))
 
     # ---- the step ----------------------------------------------------------------------------
     def apply(self, grads, trainable_variables=None):
@@ -178,15 +222,33 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                     for b, ids, xs, gs in work]
         retries = []
         stores = []
+        preconditioned = set()
         for block, ids, inputs, outs in work:
             curvature, tries = block.curvature(step, inputs, outs)
             retries.append(tries)
             stores.append((block, curvature))
+            preconditioned.update(ids)
             for i, d in zip(ids, block.precondition([grads[i] for i in ids], curvature)):
                 directions[i] = d
+        first_order = [i for i, g in enumerate(grads) if g is not None and i not in preconditioned]
+        self._first_order_indices = frozenset(self._get_variable_index(trainable_variables[i])
+                                              for i in first_order)
+        if self.first_order == FIRST_ORDER_DAMPED:
+            for i in first_order:
+                directions[i] = grads[i] / tf.cast(self.damping, grads[i].dtype)
         with tf.name_scope("tengrad_kl_clip"):
-            d_dot_g = _inner_product(directions, grads)
-            directions = self._kl_clip(directions, d_dot_g)
+            # The KL clip bounds the quadratic model's ⟨d, g⟩ = dᵀ(F+λI)d of the step: with Adam,
+            # that of the blocks only (Adam bounds its own steps); with d = g/λ a variable is a
+            # block with F = 0, and with d = g one with F + λI = I, so they count.
+            clipped = preconditioned if self.first_order == FIRST_ORDER_ADAM else None
+            clipped_d_dot_g = _inner_product(
+                [d if clipped is None or i in clipped else None for i, d in enumerate(directions)],
+                grads)
+            directions = self._kl_clip(directions, clipped_d_dot_g, clipped)
+            d_dot_g = clipped_d_dot_g
+            if clipped is not None and first_order:
+                d_dot_g += _inner_product([directions[i] for i in first_order],
+                                          [grads[i] for i in first_order])
 
         # ⟨d, g⟩ is finite only if every dᵢ and gᵢ is: a NaN or ±Inf anywhere makes the sum NaN or
         # ±Inf (Inf·0 is NaN). One scalar check instead of one per variable, and the KL clip needs
@@ -234,8 +296,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             distribute.cond_across_replicas(context, finite, take_step, (directions, curvatures),
                                             count_taken, (retries,), skip_step)
 
-    def _kl_clip(self, directions, vdg):
-        """ν d with ν = min(1, sqrt(κ / (lr² ⟨d, g⟩))); `vdg` is ⟨d, g⟩ in float64."""
+    def _kl_clip(self, directions, vdg, only=None):
+        """ν d with ν = min(1, sqrt(κ / (lr² ⟨d, g⟩))); `vdg` is ⟨d, g⟩ in float64. `only`: the
+        indices of the directions to scale (None: all)."""
         if self.kl_clip is None:
             return directions
         lr = tf.cast(self.learning_rate, tf.float64)
@@ -243,7 +306,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # rounding-level value from turning into a division by zero.
         nu = tf.minimum(tf.constant(1.0, tf.float64),
                         tf.sqrt(self.kl_clip / (lr * lr * tf.maximum(vdg, 1e-30))))
-        return [None if d is None else d * tf.cast(nu, d.dtype) for d in directions]
+        return [d if d is None or (only is not None and i not in only)
+                else d * tf.cast(nu, d.dtype) for i, d in enumerate(directions)]
 
     # ---- binding -----------------------------------------------------------------------------
     def _bind(self, record: capture.StepView, variables, grads) -> list[tuple[Any, list]]:
@@ -300,9 +364,10 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # Once per optimizer for a given set: fit may trace its step more than once.
         if first_order and first_order != self._warned_first_order:
             self._warned_first_order = first_order
-            logger.warning("%s: %d of %d variables are first-order (d = g): %s. "
-                           "optimizer.summary() lists why.", type(self).__name__, len(first_order),
-                           len(self._treatments), ", ".join(first_order))
+            logger.warning("%s: %d of %d variables have no curvature block and take a first-order "
+                           "step (first_order=%r): %s. optimizer.summary() lists why.",
+                           type(self).__name__, len(first_order), len(self._treatments),
+                           self.first_order, ", ".join(first_order))
         return pairs
 
     def _output_gradients(self, record, pairs, loss_scale, fresh) -> dict[int, list[tf.Tensor]]:
@@ -493,10 +558,21 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             "momentum": self.momentum,
             "fisher": self.fisher,
             "kl_clip": self.kl_clip,
+            "first_order": self.first_order,
+            "first_order_learning_rate": self.first_order_learning_rate,
             "max_consecutive_skips": self.max_consecutive_skips,
             "seed": self.seed,
         })
         return config
+
+
+def _reference_value(learning_rate) -> float:
+    """The value of a float, schedule (at step 0) or callable learning rate, as a Python float."""
+    if isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule):
+        return float(learning_rate(0))
+    if callable(learning_rate):
+        return float(learning_rate())
+    return float(learning_rate)
 
 
 def _fisher_dtype(dtype: tf.DType) -> tf.DType:
@@ -610,6 +686,10 @@ def validate_common(args: dict[str, Any]) -> None:
           "expected None or a float >= 0")
     check("fisher", args["fisher"], args["fisher"] in fisher.FISHER_TYPES,
           f"expected one of {fisher.FISHER_TYPES}")
+    check("first_order", args["first_order"], args["first_order"] in FIRST_ORDER_RULES,
+          f"expected one of {FIRST_ORDER_RULES}")
+    fo_lr = args["first_order_learning_rate"]
+    check("first_order_learning_rate", fo_lr, is_number(fo_lr) and fo_lr > 0, "expected a float > 0")
     kl = args["kl_clip"]
     check("kl_clip", kl, kl is None or (is_number(kl) and kl > 0), "expected None or a float > 0")
     check("max_consecutive_skips", args["max_consecutive_skips"],

@@ -567,3 +567,40 @@ def test_train_step_graph_passes_grappler():
     assert "ok" in out.stdout
     for symptom in ("topological order", "function optimization failure", "failed: INVALID_ARG"):
         assert symptom not in out.stderr, out.stderr[-3000:]
+
+
+def test_variables_without_a_block_take_keras_adams_step(float64):
+    """first_order="adam" (the default): a variable no block owns (BatchNorm's γ, β here) takes
+    Adam's step at first_order_learning_rate, which follows the learning rate in proportion (here
+    halved for the second step), while the Dense blocks take the exact natural-gradient step."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                              keras.layers.BatchNormalization(), keras.layers.Dense(3)])
+    x, y = data(8)
+    opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
+                  curvature_update_freq=1, fisher="empirical", first_order_learning_rate=0.01)
+    bn = model.layers[1].trainable_variables
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = sce()(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        opt.apply_gradients(zip(grads, model.trainable_variables))
+        paths = [v.path for v in model.trainable_variables]
+        return [grads[paths.index(v.path)] for v in bn]
+
+    m = {v.path: 0.0 for v in bn}
+    v2 = {v.path: 0.0 for v in bn}
+    for t, lr_scale in ((1, 1.0), (2, 0.5)):
+        opt.learning_rate = 0.125 * lr_scale
+        before = {v.path: v.numpy().copy() for v in bn}
+        grads = step(tf.constant(x), tf.constant(y))
+        for v, g in zip(bn, grads):
+            g = g.numpy()
+            m[v.path] = 0.9 * m[v.path] + 0.1 * g
+            v2[v.path] = 0.999 * v2[v.path] + 0.001 * g * g
+            eta = 0.01 * lr_scale * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
+            want = before[v.path] - eta * m[v.path] / (np.sqrt(v2[v.path]) + 1e-7)
+            np.testing.assert_allclose(v.numpy(), want, rtol=1e-9, atol=1e-12, err_msg=v.path)
+    assert all(t.startswith("first-order") for p, t in opt.treatments().items()
+               if "batch_normalization" in p)

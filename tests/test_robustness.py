@@ -40,8 +40,9 @@ def data(m, inputs=5, classes=3, seed=0):
 
 
 def plain(cls=TENGraD, **kw):
-    """One exact natural-gradient step per call: no momentum, clipping or reuse."""
-    base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None)
+    """One exact natural-gradient step per call: no momentum, clipping or reuse; d = g for
+    variables without a block, as the reference has it."""
+    base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None, first_order="sgd")
     base.update(dict(curvature_update_freq=1) if cls is TENGraD else
                  dict(cov_update_freq=1, inv_update_freq=1))
     base.update(kw)
@@ -92,6 +93,8 @@ COMMON_BAD = [
     ("weight_decay", -1e-4), ("weight_decay", "l2"),
     ("fisher", "exact"), ("fisher", None),
     ("kl_clip", 0.0), ("kl_clip", -1.0),
+    ("first_order", "rmsprop"), ("first_order", None),
+    ("first_order_learning_rate", 0.0), ("first_order_learning_rate", "small"),
     ("max_consecutive_skips", 0), ("max_consecutive_skips", 2.0),
     ("seed", -1), ("seed", 1.5), ("seed", "x"),
     ("clipnorm", 0.0), ("clipvalue", -1.0), ("global_clipnorm", "1"),

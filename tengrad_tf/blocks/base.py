@@ -417,22 +417,30 @@ class FisherBlock(abc.ABC):
             rows = tf.maximum(1, self.memory_budget // (_BYTES * 2 * p_now * p_now * m))
             return a, per_sample.gram_factored(a, g, rows)
 
-        if cache is CacheKind.FACTORS:
-            a, gram = route_f()  # P(D_in + D_out) <= D_in·D_out: route F is also the cheaper one
-            if p == 1:  # stored as matrices: the steps between updates then need no slicing
-                a, g = a[:, 0], g[:, 0]
-            state = {"a": a, "g": g}
+        def route_e():
+            # J is formed in chunks of samples; with a factors cache it is dropped after the Gram.
+            return per_sample.per_sample(patches, inputs, g, self.chunk(_BYTES * p * self.d_in))
+
+        # The cache (what is smaller to keep) and the Gram route (what is cheaper to compute) are
+        # separate choices: with P > 1 positions, route F's m²P²(D_in + D_out) can exceed route E's
+        # m·P·D_in·D_out + m²·D_in·D_out even when the factors are the smaller cache (a Dense
+        # layer on sequences, a late convolution).
+        a = j = None
+        if threshold == math.inf:
+            a, gram = route_f()
+        elif threshold < 1:
+            j = route_e()
+            gram = per_sample.gram_explicit(j)
         else:
-            j = per_sample.per_sample(patches, inputs, g, self.chunk(_BYTES * p * self.d_in))
-            if threshold == math.inf:
-                gram = route_f()[1]
-            elif threshold < 1:
-                gram = per_sample.gram_explicit(j)
-            else:
-                gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
-                               lambda: per_sample.gram_explicit(j))
-            state = {"j": j}
-        return state, gram
+            j = route_e() if cache is CacheKind.PER_SAMPLE else None
+            gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
+                           lambda: per_sample.gram_explicit(route_e() if j is None else j))
+        if cache is CacheKind.PER_SAMPLE:
+            return {"j": route_e() if j is None else j}, gram
+        a = patches(inputs) if a is None else a
+        if p == 1:  # stored as matrices: the steps between updates then need no slicing
+            a, g = a[:, 0], g[:, 0]
+        return {"a": a, "g": g}, gram
 
     def is_update(self, step) -> tf.Tensor:
         """Every `update_freq` steps, and whenever nothing is cached yet."""

@@ -146,7 +146,7 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
     expected.update(direction(u2, dense.kernel, dense.bias))
     before = {v.path: v.numpy().ravel() for v in variables}
     opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical")
+                  curvature_update_freq=1, fisher="empirical", first_order="sgd")
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     for v in variables:
