@@ -106,6 +106,24 @@ class LossCall:
     # that `Record.view_for` hands to one optimizer; None there if that pass did not differentiate
     # this loss (e.g. a loss computed only for a metric, or another optimizer's loss).
     loss_grad: Any = None
+    # The loss's value in the step (before any weighting), for the reduction ratio of adaptive
+    # damping: h(θ) on this batch.
+    value: Any = None
+
+
+@dataclasses.dataclass(eq=False)
+class ModelCall:
+    """One outermost call of a Keras model under a recording tape: what adaptive damping calls
+    again, after the step, to evaluate the loss at the new weights on the same batch."""
+
+    model_ref: Any  # weakref: a graph's record must not keep the model (and its optimizer) alive
+    args: tuple
+    kwargs: dict
+    outputs: Any
+
+    @property
+    def model(self):
+        return self.model_ref()
 
 
 @dataclasses.dataclass(eq=False)
@@ -142,6 +160,8 @@ class Record:
     loss_calls: list[LossCall] = dataclasses.field(default_factory=list)
     # Layers of a supported kind that ran but cannot be preconditioned, with the reason.
     skipped: list[tuple[keras.layers.Layer, str]] = dataclasses.field(default_factory=list)
+    # Outermost model calls (a model called inside another is part of its call), in order.
+    model_calls: list[ModelCall] = dataclasses.field(default_factory=list)
     # While the optimizer differentiates its own sampled loss, the taps must not record.
     frozen: bool = False
     # (LossScaleOptimizer, the scale its scale_loss multiplied the loss with) in this step.
@@ -155,7 +175,8 @@ class Record:
     graph_ref: Any = None
 
     def is_empty(self) -> bool:
-        return not (self.layer_calls or self.loss_calls or self.loss_scales or self.skipped)
+        return not (self.layer_calls or self.loss_calls or self.loss_scales or self.skipped
+                    or self.model_calls)
 
     def as_default(self):
         """Context in which ops are built in the record's own graph (nothing to do eagerly).
@@ -281,7 +302,7 @@ class StepView:
         targets = {c.preactivation.op for c in layer_calls if tf.is_symbolic_tensor(c.preactivation)}
         if not targets:
             return differentiated
-        return [c for c in differentiated if _depends_on(tf.nest.flatten(c.y_pred), targets)]
+        return [c for c in differentiated if depends_on(tf.nest.flatten(c.y_pred), targets)]
 
 
 def call_of(view_call: LayerCall, record: Record) -> LayerCall:
@@ -292,7 +313,7 @@ def call_of(view_call: LayerCall, record: Record) -> LayerCall:
     return view_call
 
 
-def _depends_on(tensors, target_ops) -> bool:
+def depends_on(tensors, target_ops) -> bool:
     """Whether any of `tensors` is computed from an op in `target_ops` (a walk over op inputs)."""
     stack = [t.op for t in tensors if tf.is_symbolic_tensor(t)]
     if len(stack) < len(tensors):
@@ -490,6 +511,7 @@ def _capturing_loss_call(original: Callable) -> Callable:
                 value = original(self, y_true, y_pred, sample_weight)
                 if not tf.is_tensor(value) or not value.dtype.is_floating:
                     return value
+                call.value = value
                 # The true Fisher weights each output's sampled loss as the differentiated loss
                 # weights it (compile's loss_weights, or any factor a custom loop applies), and
                 # skips losses a pass did not differentiate.
@@ -502,8 +524,25 @@ def _capturing_loss_call(original: Callable) -> Callable:
 def unrecorded_loss(loss, y_true, y_pred, sample_weight=None):
     """`loss(y_true, y_pred, sample_weight)` without recording it: the optimizer's own evaluation
     of the loss at sampled labels is not part of the step."""
-    original = _originals.get((keras.losses.Loss, "__call__"), keras.losses.Loss.__call__)
+    original = _originals.get((keras.losses.Loss, "__call__"), (keras.losses.Loss.__call__,))[0]
     return original(loss, y_true, y_pred, sample_weight)
+
+
+def _capturing_model_call(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        depth = getattr(_state, "model_depth", 0)
+        if depth or not _tf_private.tape_is_recording() or current_record().frozen:
+            return original(self, *args, **kwargs)
+        _state.model_depth = depth + 1
+        try:
+            outputs = original(self, *args, **kwargs)
+        finally:
+            _state.model_depth = depth
+        current_record().model_calls.append(ModelCall(weakref.ref(self), args, kwargs, outputs))
+        return outputs
+
+    return __call__
 
 
 def _capturing_scale_loss(original: Callable) -> Callable:
@@ -557,6 +596,8 @@ def _patches() -> list[tuple[Any, str, Callable]]:
         (keras.losses.Loss, "__call__", _capturing_loss_call),
         (keras.optimizers.LossScaleOptimizer, "scale_loss", _capturing_scale_loss),
         (tf.GradientTape, "gradient", _tracking_gradient),
+        # Layer.__call__ as models inherit it: patched on keras.Model, so layers are not affected.
+        (keras.Model, "__call__", _capturing_model_call),
     ])
 
 
@@ -571,7 +612,8 @@ def acquire(owner) -> None:
         if _users == 0:
             for owner_class, name, wrap in _patches():
                 original = getattr(owner_class, name)
-                _originals[(owner_class, name)] = original
+                # An inherited method is deleted again on release, not set on the class.
+                _originals[(owner_class, name)] = (original, name in vars(owner_class))
                 setattr(owner_class, name, wrap(original))
         _users += 1
     weakref.finalize(owner, _release)
@@ -582,8 +624,11 @@ def _release() -> None:
     with _lock:
         _users -= 1
         if _users == 0:
-            for (owner_class, name), original in _originals.items():
-                setattr(owner_class, name, original)
+            for (owner_class, name), (original, own) in _originals.items():
+                if own:
+                    setattr(owner_class, name, original)
+                else:
+                    delattr(owner_class, name)
             _originals.clear()
 
 

@@ -324,6 +324,8 @@ class KFAC(PreconditionedOptimizer):
         **kwargs,
     ):
         check("damping", damping, is_number(damping) and damping > 0, "expected a float > 0")
+        check("learning_rate", learning_rate, learning_rate != "auto",
+              "K-FAC has no exact quadratic model to choose its step with (TENGraD has)")
         check("stat_decay", stat_decay, is_number(stat_decay) and 0 <= stat_decay < 1,
               "expected a float in [0, 1)")
         check("cov_update_freq", cov_update_freq, is_int(cov_update_freq, 1), "expected an int >= 1")

@@ -73,6 +73,8 @@ class TENGraD(PreconditionedOptimizer):
         learning_rate=0.003,
         damping=0.1,
         momentum=0.9,
+        adaptive_damping=False,
+        damping_adaptation_interval=5,
         weight_decay=None,
         fisher="true",
         curvature_update_freq=100,
@@ -97,6 +99,10 @@ class TENGraD(PreconditionedOptimizer):
         **kwargs,
     ):
         check("damping", damping, is_number(damping) and damping > 0, "expected a float > 0")
+        check("adaptive_damping", adaptive_damping, isinstance(adaptive_damping, bool),
+              "expected True or False")
+        check("damping_adaptation_interval", damping_adaptation_interval,
+              is_int(damping_adaptation_interval, 1), "expected an int >= 1")
         check("curvature_update_freq", curvature_update_freq, is_int(curvature_update_freq, 1),
               "expected an int >= 1")
         check("memory_budget", memory_budget, is_int(memory_budget, 2**20),
@@ -118,6 +124,8 @@ class TENGraD(PreconditionedOptimizer):
             gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
         )
         self.damping = float(damping)
+        self.adaptive_damping = adaptive_damping
+        self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.curvature_update_freq = int(curvature_update_freq)
         self.memory_budget = int(memory_budget)
         self.max_damping_retries = int(max_damping_retries)
@@ -126,9 +134,11 @@ class TENGraD(PreconditionedOptimizer):
 
     def _make_block(self, layer):
         return block_class_for(layer)(
-            layer, memory_budget=self.memory_budget, damping=self.damping,
+            layer, memory_budget=self.memory_budget,
+            damping=self.damping_variable if self.adaptive_damping else self.damping,
             update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,
-            jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size)
+            jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
+            adaptive_damping=self.adaptive_damping)
 
     def resolved_jit_solve(self) -> bool:
         """`jit_solve` with "auto" decided: True iff TensorFlow sees a GPU. Asked when blocks are
@@ -142,6 +152,8 @@ class TENGraD(PreconditionedOptimizer):
         config = super().get_config()
         config.update({
             "damping": self.damping,
+            "adaptive_damping": self.adaptive_damping,
+            "damping_adaptation_interval": self.damping_adaptation_interval,
             "curvature_update_freq": self.curvature_update_freq,
             "memory_budget": self.memory_budget,
             "max_damping_retries": self.max_damping_retries,

@@ -40,7 +40,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf import _tf_private, capture, distribute, fisher
+from tengrad_tf import _tf_private, adaptive, capture, distribute, fisher, replay
 from tengrad_tf.capture import BindingError
 
 logger = logging.getLogger("tengrad_tf")
@@ -48,8 +48,11 @@ logger = logging.getLogger("tengrad_tf")
 # How variables without a block step (`first_order`): Keras's Adam, or the heavy-ball step of the
 # preconditioned ones with d = g ("sgd") or d = g/λ ("damped": F = 0, the block's null space).
 FIRST_ORDER_ADAM, FIRST_ORDER_SGD, FIRST_ORDER_DAMPED = "adam", "sgd", "damped"
+AUTO = "auto"
 FIRST_ORDER_RULES = (FIRST_ORDER_ADAM, FIRST_ORDER_SGD, FIRST_ORDER_DAMPED)
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7
+# Bounds of the adapted damping: far outside any useful value, they only stop a runaway.
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
 
 FIRST_ORDER_OTHER = (
     "first-order: no preconditioned layer owns it (BatchNormalization, LayerNormalization, "
@@ -70,8 +73,11 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                  global_clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
                  loss_scale_factor, gradient_accumulation_steps, name, **kwargs):
         validate_common(locals())
+        # learning_rate="auto": the step's size (and with momentum="auto" its momentum) comes from
+        # the quadratic model of the whole preconditioned network (_adaptive_step); Keras's own
+        # learning rate is then 1 (it scales decoupled weight decay and nothing else).
         super().__init__(
-            learning_rate=learning_rate,
+            learning_rate=1.0 if learning_rate == AUTO else learning_rate,
             weight_decay=weight_decay,
             clipnorm=clipnorm,
             clipvalue=clipvalue,
@@ -84,14 +90,17 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             name=name,
             **kwargs,
         )
-        self.momentum = float(momentum)
+        self.adaptive_learning_rate = learning_rate == AUTO
+        self.adaptive_momentum = momentum == AUTO
+        self.momentum = 0.0 if self.adaptive_momentum else float(momentum)
         self.fisher = fisher
         self.kl_clip = None if kl_clip is None else float(kl_clip)
         self.first_order = first_order
         self.first_order_learning_rate = float(first_order_learning_rate)
         # lr at construction: the first-order rate follows later changes of the learning rate
         # (a schedule, or a callback setting it) in proportion.
-        self._reference_learning_rate = _reference_value(learning_rate)
+        self._reference_learning_rate = _reference_value(
+            1.0 if self.adaptive_learning_rate else learning_rate)
         # Indices of the variables the last traced step gave a first-order step (set by `apply`
         # before Keras's `apply` calls `update_step` in the same trace).
         self._first_order_indices: frozenset[int] = frozenset()
@@ -100,6 +109,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self._blocks: dict[int, Any] = {}
         self._treatments: dict[str, str] = {}
         self._warned_first_order: list[str] = []
+        # Why the damping cannot adapt in the traced step (None: it can, or it is fixed).
+        self._no_adaptation: str | None = None
+        self.adaptive_damping = False  # TENGraD's option; K-FAC has no exact quadratic model
         self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
         # created before `compile`, so this is the place. It stays installed while this optimizer
@@ -128,6 +140,16 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                                                    name="consecutive_skips")
         self.damping_retries = self.add_variable((), initializer="zeros", dtype="int64",
                                                  name="damping_retries")
+        # What the step rule chose, for diagnostics (callbacks.Diagnostics): the coefficients of
+        # d and of the previous step (learning_rate="auto"), and the last reduction ratio ρ.
+        self.step_coefficients = self.add_variable((2,), initializer="zeros", dtype="float64",
+                                                   name="step_coefficients")
+        self.reduction_ratio = self.add_variable((), initializer="zeros", dtype="float64",
+                                                 name="reduction_ratio")
+        if self.adaptive_damping:
+            self.damping_variable = self.add_variable(
+                (), initializer=keras.initializers.Constant(self.damping), dtype="float64",
+                name="damping", aggregation="only_first_replica")
 
     def update_step(self, gradient, variable, learning_rate):
         """Momentum on the (already preconditioned and clipped) direction `gradient`; Adam for a
@@ -135,6 +157,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         index = self._get_variable_index(variable)
         if self.first_order == FIRST_ORDER_ADAM and index in self._first_order_indices:
             self._adam_step(gradient, variable, index, learning_rate)
+            return
+        if self.adaptive_learning_rate:
+            # `gradient` is the step s = α d + μ s_prev itself; its slot keeps it for the next.
+            step = ops.cast(gradient, variable.dtype)
+            self.assign(self._momentums[index], step)
+            self.assign_sub(variable, step)
             return
         lr = ops.cast(learning_rate, variable.dtype)
         d = ops.cast(gradient, variable.dtype)
@@ -146,24 +174,38 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.assign_sub(variable, ops.multiply(buf, lr))
 
     def _adam_step(self, gradient, variable, index, learning_rate):
-        """Adam (β₁ 0.9, β₂ 0.999, ε 1e-7, as Keras's) at first_order_learning_rate, which follows
-        the learning rate in proportion: η(t) = first_order_learning_rate · lr(t) / lr(0)."""
-        dtype = variable.dtype
+        """Adam's step at first_order_learning_rate (see `_adam_moments`)."""
+        m, v = self._momentums[index], self._velocities[index]
+        m_new, v_new, step = self._adam_moments(gradient, m, v, learning_rate, variable.dtype)
+        self.assign(m, m_new)
+        self.assign(v, v_new)
+        self.assign_sub(variable, step)
 
+    def _adam_rate(self, learning_rate, dtype=tf.float64):
+        """Adam's bias-corrected rate η_t·√(1 − β₂ᵗ)/(1 − β₁ᵗ) of this step."""
+        def const(x):  # not ops.cast: a Python float would go through float32 first
+            return ops.convert_to_tensor(x, dtype=dtype)
+
+        t = ops.cast(self.iterations + 1, dtype)
+        eta = const(self.first_order_learning_rate / self._reference_learning_rate) * ops.cast(
+            learning_rate, dtype)
+        return eta * ops.sqrt(1 - ops.power(const(ADAM_BETA_2), t)) / (
+            1 - ops.power(const(ADAM_BETA_1), t))
+
+    def _adam_moments(self, gradient, m, v, learning_rate, dtype):
+        """Adam (β₁ 0.9, β₂ 0.999, ε 1e-7, as Keras's) at first_order_learning_rate, which follows
+        the learning rate in proportion, η(t) = first_order_learning_rate · lr(t) / lr(0):
+        (new first moment, new second moment, the step θ − θ_new)."""
         def const(x):  # not ops.cast: a Python float would go through float32 first
             return ops.convert_to_tensor(x, dtype=dtype)
 
         g = ops.cast(gradient, dtype)
-        t = ops.cast(self.iterations + 1, dtype)
-        eta = const(self.first_order_learning_rate / self._reference_learning_rate) * ops.cast(
-            learning_rate, dtype)
-        eta = eta * ops.sqrt(1 - ops.power(const(ADAM_BETA_2), t)) / (
-            1 - ops.power(const(ADAM_BETA_1), t))
-        m, v = self._momentums[index], self._velocities[index]
-        self.assign_add(m, ops.multiply(ops.subtract(g, m), const(1 - ADAM_BETA_1)))
-        self.assign_add(v, ops.multiply(ops.subtract(ops.square(g), v), const(1 - ADAM_BETA_2)))
-        self.assign_sub(variable, ops.divide(ops.multiply(m, eta),
-                                             ops.add(ops.sqrt(v), const(ADAM_EPSILON))))
+        m, v = ops.cast(m, dtype), ops.cast(v, dtype)
+        eta = self._adam_rate(learning_rate, dtype)
+        m_new = ops.add(m, ops.multiply(ops.subtract(g, m), const(1 - ADAM_BETA_1)))
+        v_new = ops.add(v, ops.multiply(ops.subtract(ops.square(g), v), const(1 - ADAM_BETA_2)))
+        step = ops.divide(ops.multiply(m_new, eta), ops.add(ops.sqrt(v_new), const(ADAM_EPSILON)))
+        return m_new, v_new, step
 
     # ---- the step ----------------------------------------------------------------------------
     def apply(self, grads, trainable_variables=None):
@@ -204,8 +246,11 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             # backward pass and the finiteness check of the curvature.
             fresh = tf.reduce_any([b.needs_output_grads(step, [c.inputs for c in calls])
                                    for b, calls in blocks] or [False])
+        # The losses of this optimizer's backward pass that reach its layers: another optimizer's
+        # loss, or one that depends on other layers only, plays no part in its Fisher.
+        losses = record.losses_reaching([c for _, calls in blocks for c in calls])
         with record.as_default(), tf.name_scope("tengrad_output_grads"):  # scopes mark profiles
-            output_grads = self._output_gradients(record, blocks, scale, fresh)
+            output_grads = self._output_gradients(record, blocks, losses, scale, fresh)
 
         directions = list(grads)
         index = {id(v): i for i, v in enumerate(trainable_variables)}
@@ -222,11 +267,13 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                     for b, ids, xs, gs in work]
         retries = []
         stores = []
+        parts = []
         preconditioned = set()
         for block, ids, inputs, outs in work:
             curvature, tries = block.curvature(step, inputs, outs)
             retries.append(tries)
             stores.append((block, curvature))
+            parts.append((block, ids, curvature))
             preconditioned.update(ids)
             for i, d in zip(ids, block.precondition([grads[i] for i in ids], curvature)):
                 directions[i] = d
@@ -236,19 +283,57 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if self.first_order == FIRST_ORDER_DAMPED:
             for i in first_order:
                 directions[i] = grads[i] / tf.cast(self.damping, grads[i].dtype)
+        # The quadratic model of the step in span{d, p} (adaptive.Subspace): every step of the
+        # learning_rate="auto" mode, and on the steps that adapt the damping.
+        slots = {i: self._momentums[self._get_variable_index(trainable_variables[i])]
+                 for i in range(len(grads)) if grads[i] is not None}
+        modelled = []
+        if self.adaptive_learning_rate or self.adaptive_damping:  # TENGraD's exact blocks only
+            modelled = [(lambda v, b=b, c=c: b.project(v, c), c["damping"], ids)
+                        for b, ids, c in parts]
+            if self.first_order != FIRST_ORDER_ADAM:  # variables with F = 0: C = λI
+                modelled += [(None, self._damping_tensor(), [i]) for i in first_order]
+
+        def subspace(directions):
+            previous = [tf.cast(slots[i], grads[i].dtype) if i in slots else None
+                        for i in range(len(grads))]
+            return adaptive.Subspace.of(modelled, directions, previous, grads)
+
         with tf.name_scope("tengrad_kl_clip"):
-            # The KL clip bounds the quadratic model's ⟨d, g⟩ = dᵀ(F+λI)d of the step: with Adam,
-            # that of the blocks only (Adam bounds its own steps); with d = g/λ a variable is a
-            # block with F = 0, and with d = g one with F + λI = I, so they count.
-            clipped = preconditioned if self.first_order == FIRST_ORDER_ADAM else None
-            clipped_d_dot_g = _inner_product(
-                [d if clipped is None or i in clipped else None for i, d in enumerate(directions)],
-                grads)
-            directions = self._kl_clip(directions, clipped_d_dot_g, clipped)
-            d_dot_g = clipped_d_dot_g
-            if clipped is not None and first_order:
-                d_dot_g += _inner_product([directions[i] for i in first_order],
-                                          [grads[i] for i in first_order])
+            if self.adaptive_learning_rate and parts:
+                # s = a₀ d + a₁ p, a from the model; the KL clip bounds its sᵀ(F + λI)s.
+                with tf.name_scope("tengrad_adaptive_step"):
+                    model = subspace(directions)
+                    coefficients = model.best(None if self.adaptive_momentum else self.momentum)
+                    if self.kl_clip is not None:
+                        kl = tf.reduce_sum(coefficients * tf.linalg.matvec(model.gram,
+                                                                           coefficients))
+                        coefficients *= tf.minimum(tf.constant(1.0, tf.float64), tf.sqrt(
+                            self.kl_clip / tf.maximum(kl, 1e-30)))
+                    self.step_coefficients.assign(coefficients)
+                    a0, a1 = tf.unstack(coefficients)
+                    for i in {i for _, _, ids in modelled for i in ids}:
+                        directions[i] = (tf.cast(a0, grads[i].dtype) * directions[i]
+                                         + tf.cast(a1, grads[i].dtype) * tf.cast(slots[i],
+                                                                                 grads[i].dtype))
+                clipped_d_dot_g = _inner_product(directions, grads)
+                d_dot_g = clipped_d_dot_g
+            else:
+                # The KL clip bounds the quadratic model's ⟨d, g⟩ = dᵀ(F+λI)d of the step: with
+                # Adam, that of the blocks only (Adam bounds its own steps); with d = g/λ a
+                # variable is a block with F = 0, and with d = g one with F + λI = I, so they count.
+                clipped = preconditioned if self.first_order == FIRST_ORDER_ADAM else None
+                clipped_d_dot_g = _inner_product(
+                    [d if clipped is None or i in clipped else None
+                     for i, d in enumerate(directions)], grads)
+                directions = self._kl_clip(directions, clipped_d_dot_g, clipped)
+                d_dot_g = clipped_d_dot_g
+                if clipped is not None and first_order:
+                    d_dot_g += _inner_product([directions[i] for i in first_order],
+                                              [grads[i] for i in first_order])
+
+        adapting = self._damping_adaptation(record, losses, scale, step, parts, subspace,
+                                            directions, grads, first_order, trainable_variables)
 
         # ⟨d, g⟩ is finite only if every dᵢ and gᵢ is: a NaN or ±Inf anywhere makes the sum NaN or
         # ±Inf (Inf·0 is NaN). One scalar check instead of one per variable, and the KL clip needs
@@ -295,6 +380,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             # Keras's apply is a merge_call, which cannot sit in a cond branch in replica context.
             distribute.cond_across_replicas(context, finite, take_step, (directions, curvatures),
                                             count_taken, (retries,), skip_step)
+        if adapting is not None:
+            adapting.finish(finite, context)
 
     def _kl_clip(self, directions, vdg, only=None):
         """ν d with ν = min(1, sqrt(κ / (lr² ⟨d, g⟩))); `vdg` is ⟨d, g⟩ in float64. `only`: the
@@ -370,7 +457,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                            self.first_order, ", ".join(first_order))
         return pairs
 
-    def _output_gradients(self, record, pairs, loss_scale, fresh) -> dict[int, list[tf.Tensor]]:
+    def _output_gradients(self, record, pairs, losses, loss_scale, fresh
+                          ) -> dict[int, list[tf.Tensor]]:
         """Per-sample output gradients Gᵢ = ∂ℓᵢ/∂zᵢ for every captured call, per block.
 
         Built in the record's graph (the caller enters it), where `fresh` lives too.
@@ -379,9 +467,6 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if not pairs:
             return {}
         flat = [c for _, calls in pairs for c in calls]
-        # The losses of this optimizer's backward pass that reach its layers: another optimizer's
-        # loss, or one that depends on other layers only, plays no part in its Fisher.
-        losses = record.losses_reaching(flat)
         if self.fisher == fisher.EMPIRICAL:
             factor = _batch_mean_factor(losses)
             # The backward pass gives wᵢ·∂ℓᵢ/∂zᵢ for a weighted loss; the Fisher weights samples as
@@ -429,12 +514,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             # for float16 predictions under mixed precision).
             loss_calls = [dataclasses.replace(c, y_pred=tf.nest.map_structure(
                 lambda t, c=c: tf.cast(t, c.loss.dtype), c.y_pred)) for c in losses]
-            # Each loss's weight in the training loss came from its backward pass, which carries
-            # the loss scale like the output gradients do.
-            lso_scale = record.loss_scale_of(self)
-            unscale = tf.cast(loss_scale, tf.float64) * (
-                1.0 if lso_scale is None else tf.cast(lso_scale, tf.float64))
-            loss_calls = [dataclasses.replace(c, loss_grad=tf.cast(c.loss_grad, tf.float64) / unscale)
+            loss_calls = [dataclasses.replace(c, loss_grad=self._loss_weight(record, c, loss_scale))
                           for c in loss_calls]
             sampled = fisher.sampled_loss_sum(
                 loss_calls, fisher.step_key(self._resume_state.sampling_seed, self.iterations))
@@ -452,6 +532,67 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         by_call = {id(c): (tf.zeros_like(c.preactivation) if g is None else g)
                    for c, g in zip(flat, grads)}
         return {id(b): [by_call[id(c)] for c in calls] for b, calls in pairs}
+
+    def _loss_weight(self, record, call, loss_scale) -> tf.Tensor:
+        """A loss's weight in the differentiated total, float64. It came from the backward pass,
+        which carries the loss scale (loss_scale_factor, a LossScaleOptimizer's) like the output
+        gradients do; divided out here."""
+        lso_scale = record.loss_scale_of(self)
+        unscale = tf.cast(loss_scale, tf.float64) * (
+            1.0 if lso_scale is None else tf.cast(lso_scale, tf.float64))
+        return tf.cast(call.loss_grad, tf.float64) / unscale
+
+    # ---- adaptive damping ----------------------------------------------------------------------
+    def _damping_tensor(self) -> tf.Tensor:
+        """λ now, float64: the adapted value, or the constant."""
+        if getattr(self, "adaptive_damping", False):
+            return tf.convert_to_tensor(self.damping_variable)
+        return tf.constant(self.damping, tf.float64)
+
+    def _damping_adaptation(self, record, losses, scale, step, parts, subspace, directions,
+                            grads, first_order, variables):
+        """Before the update, on the steps that adapt λ (every damping_adaptation_interval): the
+        step's loss h(θ) and the model's M(s). `finish` then replays the loss at θ + s and sets λ
+        from ρ = (h(θ + s) − h(θ)) / M(s) (adaptive.next_damping). None when λ is fixed, or when
+        the step cannot be replayed exactly (the reason is logged and in `summary()`)."""
+        if not getattr(self, "adaptive_damping", False) or not parts:
+            return None
+        replayer = replay.LossReplay.of(
+            record, losses, lambda c: self._loss_weight(record, c, scale))
+        if isinstance(replayer, str):
+            if self._no_adaptation != replayer:
+                self._no_adaptation = replayer
+                logger.warning("%s: the damping stays at %s: it adapts from the loss replayed at "
+                               "the new weights, and this step cannot be replayed exactly: %s.",
+                               type(self).__name__, self.damping, replayer)
+            return None
+        self._no_adaptation = None
+        every = self.damping_adaptation_interval
+        adapt = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), every), 0)
+        if self.adaptive_learning_rate:
+            coefficients = tf.constant([1.0, 0.0], tf.float64)  # directions hold s itself
+        else:
+            lr = tf.cast(self.learning_rate, tf.float64)
+            coefficients = tf.stack([lr, lr * self.momentum])
+        adam = [i for i in first_order if self.first_order == FIRST_ORDER_ADAM]
+
+        def before():
+            predicted = subspace(directions).value(coefficients)
+            if adam:  # Adam's own diagonal model of its step (adaptive.adam_model)
+                lr = self.learning_rate
+                moments = [self._adam_moments(
+                    grads[i], *[slots[self._get_variable_index(variables[i])]
+                                for slots in (self._momentums, self._velocities)],
+                    lr, tf.float64) for i in adam]
+                eta = self._adam_rate(lr)
+                predicted += adaptive.adam_model([grads[i] for i in adam],
+                                                 [step for _, _, step in moments],
+                                                 [v for _, v, _ in moments], eta)
+            return replayer.recorded(), predicted
+
+        zero = tf.constant(0.0, tf.float64)
+        h0, predicted = tf.cond(adapt, before, lambda: (zero, zero))
+        return _Adaptation(self, replayer, adapt, h0, predicted)
 
     # ---- reporting ---------------------------------------------------------------------------
     def treatments(self) -> dict[str, str]:
@@ -555,7 +696,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         config = super().get_config()
         config.pop("gradient_accumulation_steps", None)
         config.update({
-            "momentum": self.momentum,
+            "learning_rate": AUTO if self.adaptive_learning_rate else config["learning_rate"],
+            "momentum": AUTO if self.adaptive_momentum else self.momentum,
             "fisher": self.fisher,
             "kl_clip": self.kl_clip,
             "first_order": self.first_order,
@@ -564,6 +706,35 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             "seed": self.seed,
         })
         return config
+
+
+@dataclasses.dataclass(eq=False)
+class _Adaptation:
+    """One step's damping adaptation, between the model's prediction and the replayed loss."""
+
+    optimizer: Any
+    replayer: replay.LossReplay
+    adapt: tf.Tensor  # bool: this step adapts λ
+    h0: tf.Tensor  # h(θ), float64 (0 on other steps)
+    predicted: tf.Tensor  # M(s), float64
+
+    def finish(self, taken, context) -> None:
+        """After the update: ρ = (h(θ + s) − h(θ)) / M(s), and λ from it (if the step was taken)."""
+        opt = self.optimizer
+        go = tf.logical_and(self.adapt, taken)
+        zero = tf.constant(0.0, tf.float64)
+        with tf.name_scope("tengrad_damping_adaptation"):
+            h1 = tf.cond(go, self.replayer.evaluate, lambda: zero)
+            h0 = self.h0
+            if context is not None:  # the losses are the replicas' shares of the global mean
+                h0, h1 = distribute.all_reduce_sum(context, [h0, h1])
+            rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
+                                       -tf.ones_like(self.predicted), self.predicted)
+            lam = opt.damping_variable
+            new = adaptive.next_damping(lam, rho, opt.damping_adaptation_interval,
+                                        MIN_DAMPING, MAX_DAMPING)
+            lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
+            opt.reduction_ratio.assign(tf.where(go, rho, tf.convert_to_tensor(opt.reduction_ratio)))
 
 
 def _reference_value(learning_rate) -> float:
@@ -678,9 +849,11 @@ def validate_common(args: dict[str, Any]) -> None:
     lr = args["learning_rate"]
     check("learning_rate", lr,
           callable(lr) or isinstance(lr, keras.optimizers.schedules.LearningRateSchedule)
-          or (is_number(lr) and lr > 0), "expected a float > 0, a LearningRateSchedule or a callable")
+          or (is_number(lr) and lr > 0) or lr == AUTO,
+          'expected a float > 0, a LearningRateSchedule, a callable or "auto"')
     mu = args["momentum"]
-    check("momentum", mu, is_number(mu) and 0 <= mu < 1, "expected a float in [0, 1)")
+    check("momentum", mu, (is_number(mu) and 0 <= mu < 1) or (mu == AUTO and lr == AUTO),
+          'expected a float in [0, 1), or "auto" with learning_rate="auto"')
     wd = args["weight_decay"]
     check("weight_decay", wd, wd is None or (is_number(wd) and wd >= 0),
           "expected None or a float >= 0")

@@ -34,15 +34,18 @@ class DampedGram(NamedTuple):
     retries: tf.Tensor  # scalar int32: how many times λ had to be raised
 
 
-def factorize(gram: tf.Tensor, damping, max_retries: int = 6, jit: bool = False) -> DampedGram:
+def factorize(gram: tf.Tensor, damping, max_retries: int = 6, jit: bool = False,
+              samples=None) -> DampedGram:
     """Cholesky factor of (m·λ·I + K) in float64, raising λ tenfold while the factor is not finite.
 
+    `samples`: m, when K is zero-padded beyond the m samples (a fixed-capacity cache; the padded
+    diagonal then holds m·λ instead of 1, which leaves the solve of the real rows unchanged).
     `jit`: compile this with XLA (see `_factorize_xla` at the end of the module)."""
     if jit:
-        return DampedGram(*_factorize_xla(gram, damping, max_retries))
+        return DampedGram(*_factorize_xla(gram, damping, max_retries, samples))
     k = tf.cast(gram, SOLVE_DTYPE)
     k = 0.5 * (k + tf.transpose(k))  # K is symmetric in exact arithmetic; float32 rounding is not
-    m = tf.cast(tf.shape(k)[0], SOLVE_DTYPE)
+    m = tf.cast(tf.shape(k)[0] if samples is None else samples, SOLVE_DTYPE)
     eye = tf.eye(tf.shape(k)[0], dtype=SOLVE_DTYPE)
     # convert_to_tensor, not cast: tf.cast(0.05, float64) goes through float32 and rounds λ.
     lam0 = tf.cast(tf.convert_to_tensor(damping, dtype_hint=SOLVE_DTYPE), SOLVE_DTYPE)
@@ -142,7 +145,8 @@ def _as_solve_dtype(damping) -> tf.Tensor:
 # TensorFlow's. Traced once per (damping, max_retries); XLA compiles once per Gram size m (a
 # dynamic batch size costs one compilation per distinct size, e.g. a smaller last batch). Inside a
 # step compiled as a whole (jit_compile=True) these calls are simply part of that compilation.
-_factorize_xla = tf.function(lambda gram, damping, max_retries: tuple(
-    factorize(gram, damping, max_retries)), jit_compile=True, reduce_retracing=True)
+_factorize_xla = tf.function(lambda gram, damping, max_retries, samples: tuple(
+    factorize(gram, damping, max_retries, samples=samples)), jit_compile=True,
+    reduce_retracing=True)
 _cholesky_solve_xla = tf.function(tf.linalg.cholesky_solve, jit_compile=True,
                                   reduce_retracing=True)

@@ -89,7 +89,7 @@ def fit_one_step(model, x, y, loss, per_sample_loss, fisher_type, y_fisher, monk
 # =========================================================================== bad configuration
 COMMON_BAD = [
     ("learning_rate", 0.0), ("learning_rate", float("nan")), ("learning_rate", "fast"),
-    ("momentum", 1.0), ("momentum", -0.1), ("momentum", True),
+    ("momentum", 1.0), ("momentum", -0.1), ("momentum", True), ("momentum", "auto"),
     ("weight_decay", -1e-4), ("weight_decay", "l2"),
     ("fisher", "exact"), ("fisher", None),
     ("kl_clip", 0.0), ("kl_clip", -1.0),
@@ -105,12 +105,13 @@ COMMON_BAD = [
 ]
 SPECIFIC_BAD = {
     TENGraD: [("damping", 0.0), ("damping", float("inf")), ("damping", "big"),
+              ("adaptive_damping", "yes"), ("damping_adaptation_interval", 0),
               ("curvature_update_freq", 0), ("curvature_update_freq", 2.5),
               ("memory_budget", 1000), ("memory_budget", 2.0**30),
               ("max_damping_retries", -1), ("max_damping_retries", None),
               ("jit_solve", "yes"), ("jit_solve", 1), ("max_batch_size", 0),
               ("max_batch_size", 64.0)],
-    KFAC: [("damping", -1.0), ("stat_decay", 1.0), ("stat_decay", -0.5),
+    KFAC: [("damping", -1.0), ("stat_decay", 1.0), ("stat_decay", -0.5), ("learning_rate", "auto"),
            ("cov_update_freq", 0), ("inv_update_freq", 1.5)],
 }
 CASES = [(cls, arg, value) for cls in (TENGraD, KFAC)

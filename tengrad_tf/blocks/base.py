@@ -101,11 +101,15 @@ class FisherBlock(abc.ABC):
     kind: str = "block"
 
     def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
-                 damping: float = 0.1, update_freq: int = 1, max_retries: int = 6,
-                 jit_solve: bool = False, max_batch_size: int | None = None):
+                 damping: float | tf.Variable = 0.1, update_freq: int = 1, max_retries: int = 6,
+                 jit_solve: bool = False, max_batch_size: int | None = None,
+                 adaptive_damping: bool = False):
         self.layer = layer
         self.memory_budget = int(memory_budget)
+        # A float, or (adaptive damping) the optimizer's λ variable, which can change between
+        # curvature updates: the cache then keeps the Gram and refactorizes when λ changed.
         self.damping = damping
+        self.adaptive_damping = bool(adaptive_damping)
         self.update_freq = update_freq
         self.max_retries = max_retries
         # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
@@ -201,8 +205,9 @@ class FisherBlock(abc.ABC):
         """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample.
 
         P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors.
-        Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead."""
-        if self.d_in * self.d_out <= DIRECT_MAX_DIM:
+        Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead, unless the
+        damping adapts (the inverse would have to be rebuilt from U at every change)."""
+        if self.d_in * self.d_out <= DIRECT_MAX_DIM and not self.adaptive_damping:
             return CacheKind.INVERSE
         if p is None or p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
             return CacheKind.FACTORS
@@ -265,7 +270,8 @@ class FisherBlock(abc.ABC):
         rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
         dims = {"a": rows + [self.d_in], "g": rows + [self.d_out],
                 "j": [capacity, self.d_in, self.d_out], "cholesky": [capacity, capacity],
-                "inverse": [self.d_in * self.d_out] * 2}
+                "inverse": [self.d_in * self.d_out] * 2, "gram": [capacity, capacity],
+                "requested": [], "samples": []}
         names = {CacheKind.FACTORS: ["a", "g"], CacheKind.PER_SAMPLE: ["j"],
                  CacheKind.INVERSE: []}[cache]
 
@@ -280,6 +286,9 @@ class FisherBlock(abc.ABC):
             state = {n: var(n, self.dtype) for n in names}
             solve_state = "inverse" if cache is CacheKind.INVERSE else "cholesky"
             state[solve_state] = var(solve_state, woodbury.SOLVE_DTYPE)
+            if self.adaptive_damping:  # K, the λ it was factorized for, and m (K may be padded)
+                state.update({n: var(n, woodbury.SOLVE_DTYPE)
+                              for n in ("gram", "requested", "samples")})
             state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
                                            name=f"{self.layer.name}_damping",
                                            **distribute.REPLICA_LOCAL)
@@ -321,8 +330,8 @@ class FisherBlock(abc.ABC):
         for k, v in self._cache.items():
             value = tf.convert_to_tensor(arrays[k])
             # Compare all but the sample axes, which `_to_capacity` adapts below.
-            want = ([m, m] if k == "cholesky" else [m, *v.shape[1:]] if k in ("a", "g", "j")
-                    else v.shape)
+            want = ([m, m] if k in ("cholesky", "gram") else [m, *v.shape[1:]]
+                    if k in ("a", "g", "j") else v.shape)
             if value.dtype != v.dtype or not value.shape.is_compatible_with(want):
                 raise ValueError(mismatch + f"'{k}' was saved as {value.dtype.name} "
                                  f"{value.shape}, the cache holds {v.dtype.name} {v.shape}.")
@@ -363,12 +372,14 @@ class FisherBlock(abc.ABC):
         with tf.control_dependencies([] if check is None else [check]):
             pad = tf.maximum(cap - m, 0)
             for k, t in state.items():
-                if k == "damping":
+                if t.shape.rank == 0:  # damping, requested, samples
                     out[k] = t
                     continue
                 if k == "cholesky":
                     eye = tf.eye(cap, dtype=t.dtype)[m:, m:]
                     padded = tf.pad(t, [[0, pad], [0, pad]]) + tf.pad(eye, [[m, 0], [m, 0]])
+                elif k == "gram":
+                    padded = tf.pad(t, [[0, pad], [0, pad]])
                 else:
                     padded = tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
                 out[k] = tf.ensure_shape(padded, self._cache[k].shape, name=node)
@@ -388,9 +399,18 @@ class FisherBlock(abc.ABC):
         with tf.name_scope("tengrad_gram"):
             state, gram = self._factors_and_gram(inputs, output_grads)
         with tf.name_scope("tengrad_cholesky"):
-            damped = woodbury.factorize(gram, self.damping, self.max_retries, jit=self.jit_solve)
+            lam = self._damping_now()
+            damped = woodbury.factorize(gram, lam, self.max_retries, jit=self.jit_solve)
         state.update(cholesky=damped.cholesky, damping=damped.damping)
+        if self.adaptive_damping:
+            state.update(gram=tf.cast(gram, woodbury.SOLVE_DTYPE), requested=lam,
+                         samples=tf.cast(tf.shape(gram)[0], woodbury.SOLVE_DTYPE))
         return state, damped.retries
+
+    def _damping_now(self) -> tf.Tensor:
+        """λ as a float64 tensor (the optimizer's variable's current value when it adapts)."""
+        return tf.cast(tf.convert_to_tensor(self.damping, dtype_hint=woodbury.SOLVE_DTYPE),
+                       woodbury.SOLVE_DTYPE)
 
     def _explicit_inverse(self, inputs, output_grads) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """(F + λI)⁻¹ as a d × d matrix, from the explicit per-sample gradients (d is small)."""
@@ -490,17 +510,47 @@ class FisherBlock(abc.ABC):
             state, retries = self.compute_curvature(inputs, output_grads)
             return self._to_capacity(state), retries
 
-        return tf.cond(self.is_update(step), fresh, lambda: (cached, tf.constant(0)))
+        def reuse():
+            if not self.adaptive_damping:
+                return cached, tf.constant(0)
+            lam = self._damping_now()
+
+            def refactor():  # λ changed since the factorization: same Gram, new λ
+                damped = woodbury.factorize(cached["gram"], lam, self.max_retries,
+                                            jit=self.jit_solve, samples=cached["samples"])
+                return {**cached, "cholesky": damped.cholesky, "damping": damped.damping,
+                        "requested": lam}, damped.retries
+
+            return tf.cond(tf.equal(cached["requested"], lam),
+                           lambda: (cached, tf.constant(0)), refactor)
+
+        return tf.cond(self.is_update(step), fresh, reuse)
 
     def commit(self, step, curvature: dict[str, tf.Tensor]) -> None:
-        """Keep fresh `curvature` for the steps until the next update (only for finite steps)."""
-        def store():
-            for k, v in curvature.items():
-                self._cache[k].assign(v)
-            self._filled.assign(True)
-            return tf.constant(True)
+        """Keep fresh `curvature` for the steps until the next update (only for finite steps).
+        With adaptive damping the factorization may change on any step (a new λ): it is kept
+        on every step."""
+        def store(keys):
+            def assign():
+                for k in keys:
+                    self._cache[k].assign(curvature[k])
+                self._filled.assign(True)
+                return tf.constant(True)
+            return assign
 
-        tf.cond(self.is_update(step), store, lambda: tf.constant(False))
+        solve = ("cholesky", "damping", "requested") if self.adaptive_damping else ()
+        tf.cond(self.is_update(step), store(list(curvature)),
+                store(solve) if solve else lambda: tf.constant(False))
+
+    def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Uᵀv (m, 1) for v shaped like this block's variables, with the cached per-sample
+        gradients U of `curvature` (factored caches only: the explicit inverse keeps no U)."""
+        c = curvature
+        with tf.name_scope("tengrad_project"):
+            v = self.to_matrix(vectors)
+            if "j" in c:
+                return per_sample.project_explicit(c["j"], v)
+            return per_sample.project_factored(c["a"], c["g"], v)
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""

@@ -1,0 +1,112 @@
+"""TENGraD's exact quadratic model of a step, and what adapts from it: step size, momentum, damping.
+
+The model of the loss around θ on the step's batch is
+
+    M(s) = −gᵀs + ½ sᵀ C s,   C = F + λI on the preconditioned variables,
+
+with F the exact Fisher of *all* blocks together, (1/m) U Uᵀ where U stacks every block's per-sample
+gradients (cross-block terms included): xᵀFy = (1/m) (Σ_b U_bᵀx_b)·(Σ_b U_bᵀy_b). The projections
+U_bᵀx are the ones the Woodbury solve already does, so the model is exact and costs a projection
+per vector, where kfac-jax needs curvature-vector products. Variables without a block are blocks
+with F = 0 (C = λI), except under first_order="adam", where Adam's own diagonal model
+C = diag(√v̂ + ε)/η (the one its step minimizes) stands for them, separately.
+
+Every step of the preconditioned variables lies in the span of two vectors: the natural-gradient
+direction d = (F_b + λI)⁻¹ g, block by block, and the previous step (or momentum buffer) p. With
+a = (coefficient of d, coefficient of p), M(s) = −aᵀb + ½ aᵀGa for the 2 × 2 matrix
+G = [dᵀCd, dᵀCp; pᵀCd, pᵀCp] and b = [gᵀd, gᵀp] (`Subspace`). So:
+
+  * learning_rate="auto": a = G⁻¹b (momentum="auto"), or the best coefficient of d for a fixed
+    momentum (Martens & Grosse 2015, section 7). Because each block is preconditioned alone and the
+    model couples the blocks, the best coefficient is not 1: the blocks' steps add up along the
+    per-sample directions they share. (With the blocks' own F the minimizer along d would be 1.)
+  * adaptive damping (Levenberg–Marquardt, section 6.5): ρ = (h(θ + s) − h(θ)) / M(s) on the same
+    batch (replay.py gives h(θ + s)); λ ← λ/ω if ρ < ¼ (λ·10 if the loss went up), λ ← λ·ω if
+    ρ > ¾, with ω = (19/20)^T for adaptation every T steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+F64 = tf.float64
+
+
+def dot(xs, ys) -> tf.Tensor:
+    """Σ ⟨x, y⟩ over lists of tensors, in float64."""
+    terms = [tf.reduce_sum(tf.cast(x, F64) * tf.cast(y, F64)) for x, y in zip(xs, ys)]
+    return tf.add_n(terms) if terms else tf.constant(0.0, F64)
+
+
+@dataclasses.dataclass
+class Subspace:
+    """The quadratic model restricted to span{d, p}: G (2 × 2) and b (2,), float64."""
+
+    gram: tf.Tensor
+    gradient: tf.Tensor
+
+    @classmethod
+    def of(cls, blocks, d, p, g) -> "Subspace":
+        """`blocks`: [(project, damping, indices)] with project(vectors) = U_bᵀv (m, 1) over the
+        block's variables (None for a block with F = 0), damping its λ (float64 scalar) and
+        indices its variables' positions in the lists d, p, g."""
+        u_d, u_p, terms = [], [], []
+        for project, damping, ids in blocks:
+            db, pb, gb = [d[i] for i in ids], [p[i] for i in ids], [g[i] for i in ids]
+            if project is not None:
+                u_d.append(tf.cast(project(db), F64))
+                u_p.append(tf.cast(project(pb), F64))
+            terms.append(tf.stack([damping * dot(db, db), damping * dot(db, pb),
+                                   damping * dot(pb, pb), dot(gb, db), dot(gb, pb)]))
+        dd, dp, pp, gd, gp = tf.unstack(tf.add_n(terms))
+        if u_d:
+            u_d, u_p = tf.add_n(u_d), tf.add_n(u_p)
+            m = tf.cast(tf.shape(u_d)[0], F64)
+            dd += tf.reduce_sum(u_d * u_d) / m
+            dp += tf.reduce_sum(u_d * u_p) / m
+            pp += tf.reduce_sum(u_p * u_p) / m
+        return cls(tf.reshape(tf.stack([dd, dp, dp, pp]), [2, 2]), tf.stack([gd, gp]))
+
+    def value(self, a) -> tf.Tensor:
+        """M(a₀ d + a₁ p) = −aᵀb + ½ aᵀGa."""
+        a = tf.cast(a, F64)
+        return -tf.reduce_sum(a * self.gradient) + 0.5 * tf.reduce_sum(
+            a * tf.linalg.matvec(self.gram, a))
+
+    def best(self, momentum: float | None) -> tf.Tensor:
+        """argmin M: over both coefficients (momentum None), or over d's for p's fixed at
+        `momentum`. Where p is zero (the first step) or parallel to d, p's coefficient is 0."""
+        dd, dp, _, pp = tf.unstack(tf.reshape(self.gram, [4]))
+        gd, gp = tf.unstack(self.gradient)
+        if momentum is not None:
+            mu = tf.constant(momentum, F64)
+            return tf.stack([(gd - mu * dp) / dd, mu])
+        det = dd * pp - dp * dp
+        ok = det > 1e-10 * dd * pp
+        safe = tf.where(ok, det, tf.ones_like(det))
+        return tf.stack([tf.where(ok, (pp * gd - dp * gp) / safe, gd / dd),
+                         tf.where(ok, (dd * gp - dp * gd) / safe, tf.zeros_like(det))])
+
+
+def adam_model(g, step, velocity, eta) -> tf.Tensor:
+    """−gᵀs + ½ sᵀ diag((√v + ε)/η) s for first-order variables stepped by Adam (float64)."""
+    from tengrad_tf.preconditioned import ADAM_EPSILON
+
+    terms = []
+    for gi, si, vi in zip(g, step, velocity):
+        gi, si, vi = tf.cast(gi, F64), tf.cast(si, F64), tf.cast(vi, F64)
+        terms.append(-tf.reduce_sum(gi * si) + 0.5 * tf.reduce_sum(
+            si * si * (tf.sqrt(vi) + ADAM_EPSILON)) / eta)
+    return tf.add_n(terms) if terms else tf.constant(0.0, F64)
+
+
+def next_damping(damping, rho, every: int, lowest: float, highest: float) -> tf.Tensor:
+    """Levenberg–Marquardt: λ/ω if ρ < ¼ (λ·10 if the loss rose, or ρ is not finite), λ·ω if
+    ρ > ¾, else λ; ω = (19/20)^every; kept within [lowest, highest]."""
+    omega = (19.0 / 20.0) ** every
+    lam = tf.cast(damping, F64)
+    new = tf.where(~tf.math.is_finite(rho) | (rho < 0.0), lam * 10.0,
+                   tf.where(rho < 0.25, lam / omega, tf.where(rho > 0.75, lam * omega, lam)))
+    return tf.clip_by_value(new, lowest, highest)

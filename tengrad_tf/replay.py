@@ -1,0 +1,99 @@
+"""The step's loss on the same batch at the new weights: h(θ + s), for adaptive damping.
+
+Levenberg–Marquardt damping compares the loss change a step achieved with the change the quadratic
+model predicted, on the same batch: ρ = (h(θ + s) − h(θ)) / M(s). Inside Keras `fit` the optimizer
+has no model and no batch, but capture has both: the outermost model calls of the step
+(`capture.ModelCall`, with their inputs) and the Keras losses (with labels, sample weights and
+their weights in the differentiated loss). After the update, `LossReplay.evaluate` calls those
+models again on the same inputs, feeding each call's new outputs to the calls that consumed its old
+ones (a GAN's discriminator on the generator's output), and evaluates the same losses on the new
+predictions. Cost: one forward pass, on the steps that adapt the damping.
+
+h is Σₗ wₗ·lossₗ(y_true, y_pred, sample_weight), wₗ the loss's weight in the differentiated total
+(compile's loss_weights), plus the models' `losses` (regularization and activity losses), as `fit`
+computes its training loss. The replay leaves no trace: every non-trainable variable of the models
+(BatchNorm's moving statistics, random-seed states) is restored afterwards, and capture records
+nothing (no tape records). Dropout draws new masks in the replay, which makes ρ noisier, not biased.
+
+Where the step cannot be replayed exactly — a loss whose predictions are not a model's output, or a
+model called on a tensor computed from another model's output by ops in between — `LossReplay.of`
+returns the reason instead, and the optimizer reports it; it never evaluates a different loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import tensorflow as tf
+
+from tengrad_tf import capture
+
+
+@dataclasses.dataclass(eq=False)
+class LossReplay:
+    model_calls: list[capture.ModelCall]
+    losses: list[capture.LossCall]
+    weights: list[tf.Tensor]  # float64 weight of each loss in the differentiated total
+
+    @classmethod
+    def of(cls, record: capture.StepView, losses: list[capture.LossCall],
+           weight: Callable[[capture.LossCall], tf.Tensor]) -> "LossReplay | str":
+        """The replay of the step's loss, or the reason it cannot be replayed exactly."""
+        calls = [c for c in record.record.model_calls if c.model is not None]
+        if not losses:
+            return "no Keras loss of this optimizer's backward pass was recorded"
+        if not calls:
+            return "no Keras model was called under the tape in this step"
+        outputs = {id(t) for c in calls for t in tf.nest.flatten(c.outputs)}
+        for loss in losses:
+            if not all(id(t) in outputs for t in tf.nest.flatten(loss.y_pred)):
+                return (f"the predictions of loss '{loss.loss.name}' are not a model's outputs "
+                        "(computed from them by other ops)")
+        produced = []  # ops of the outputs of the calls so far
+        for c in calls:
+            for t in tf.nest.flatten((c.args, c.kwargs)):
+                if (tf.is_symbolic_tensor(t) and id(t) not in outputs and produced
+                        and capture.depends_on([t], set(produced))):
+                    return (f"model '{c.model.name}' was called on a tensor computed from another "
+                            "model's output by ops in between")
+            produced += [t.op for t in tf.nest.flatten(c.outputs) if tf.is_symbolic_tensor(t)]
+        return cls(calls, losses, [weight(loss) for loss in losses])
+
+    def models(self) -> list:
+        unique = {}
+        for c in self.model_calls:
+            unique.setdefault(id(c.model), c.model)
+        return list(unique.values())
+
+    def penalties(self) -> tf.Tensor:
+        """Σ of the models' `losses` at the variables' current values, float64."""
+        terms = [tf.reduce_sum(tf.cast(t, tf.float64)) for model in self.models()
+                 for t in model.losses]
+        return tf.add_n(terms) if terms else tf.constant(0.0, tf.float64)
+
+    def recorded(self) -> tf.Tensor:
+        """h(θ): the step's own loss values (call before the update, for the penalties)."""
+        return tf.add_n([w * tf.cast(tf.reduce_sum(loss.value), tf.float64)
+                         for loss, w in zip(self.losses, self.weights)]) + self.penalties()
+
+    def evaluate(self) -> tf.Tensor:
+        """h at the variables' current values, on the step's inputs, leaving no state changed."""
+        saved = [(v, tf.identity(v.value)) for model in self.models()
+                 for v in model.non_trainable_variables]
+        new = {}
+        with tf.control_dependencies([t for _, t in saved]):
+            for c in self.model_calls:
+                args, kwargs = tf.nest.map_structure(lambda t: new.get(id(t), t),
+                                                     (c.args, c.kwargs))
+                outputs = c.model(*args, **kwargs)
+                new.update({id(old): fresh for old, fresh in zip(tf.nest.flatten(c.outputs),
+                                                                tf.nest.flatten(outputs))})
+            total = tf.add_n([w * tf.cast(tf.reduce_sum(capture.unrecorded_loss(
+                loss.loss, loss.y_true, tf.nest.map_structure(lambda t: new[id(t)], loss.y_pred),
+                loss.sample_weight)), tf.float64) for loss, w in zip(self.losses, self.weights)])
+            total = total + self.penalties()
+        with tf.control_dependencies([total]):
+            restores = [v.assign(value) for v, value in saved]
+        with tf.control_dependencies(restores):
+            return tf.identity(total)
