@@ -12,6 +12,10 @@ import keras
 import tensorflow as tf
 
 from tengrad_tf.blocks import block_class_for
+from tengrad_tf.blocks.network import NetworkSolve
+
+# fisher_blocks: one Fisher block per layer (block-diagonal), or all layers' in one (network.py).
+FISHER_BLOCKS = ("layer", "network")
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
 
 __all__ = ["BindingError", "TENGraD"]
@@ -75,6 +79,7 @@ class TENGraD(PreconditionedOptimizer):
         momentum=0.9,
         adaptive_damping=False,
         damping_adaptation_interval=5,
+        fisher_blocks="layer",
         weight_decay=None,
         fisher="true",
         curvature_update_freq=100,
@@ -103,6 +108,8 @@ class TENGraD(PreconditionedOptimizer):
               "expected True or False")
         check("damping_adaptation_interval", damping_adaptation_interval,
               is_int(damping_adaptation_interval, 1), "expected an int >= 1")
+        check("fisher_blocks", fisher_blocks, fisher_blocks in FISHER_BLOCKS,
+              f"expected one of {FISHER_BLOCKS}")
         check("curvature_update_freq", curvature_update_freq, is_int(curvature_update_freq, 1),
               "expected an int >= 1")
         check("memory_budget", memory_budget, is_int(memory_budget, 2**20),
@@ -126,6 +133,7 @@ class TENGraD(PreconditionedOptimizer):
         self.damping = float(damping)
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = int(damping_adaptation_interval)
+        self.fisher_blocks = fisher_blocks
         self.curvature_update_freq = int(curvature_update_freq)
         self.memory_budget = int(memory_budget)
         self.max_damping_retries = int(max_damping_retries)
@@ -138,7 +146,13 @@ class TENGraD(PreconditionedOptimizer):
             damping=self.damping_variable if self.adaptive_damping else self.damping,
             update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
-            adaptive_damping=self.adaptive_damping)
+            adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network")
+
+    def _make_network_solve(self):
+        return NetworkSolve(self.damping_variable if self.adaptive_damping else self.damping,
+                            max_retries=self.max_damping_retries,
+                            jit_solve=self.resolved_jit_solve(),
+                            adaptive_damping=self.adaptive_damping)
 
     def resolved_jit_solve(self) -> bool:
         """`jit_solve` with "auto" decided: True iff TensorFlow sees a GPU. Asked when blocks are
@@ -154,6 +168,7 @@ class TENGraD(PreconditionedOptimizer):
             "damping": self.damping,
             "adaptive_damping": self.adaptive_damping,
             "damping_adaptation_interval": self.damping_adaptation_interval,
+            "fisher_blocks": self.fisher_blocks,
             "curvature_update_freq": self.curvature_update_freq,
             "memory_budget": self.memory_budget,
             "max_damping_retries": self.max_damping_retries,

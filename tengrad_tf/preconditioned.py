@@ -112,6 +112,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         # Why the damping cannot adapt in the traced step (None: it can, or it is fixed).
         self._no_adaptation: str | None = None
         self.adaptive_damping = False  # TENGraD's option; K-FAC has no exact quadratic model
+        self._network = None  # TENGraD's fisher_blocks="network" (blocks/network.py)
         self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
         # created before `compile`, so this is the place. It stays installed while this optimizer
@@ -150,6 +151,10 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             self.damping_variable = self.add_variable(
                 (), initializer=keras.initializers.Constant(self.damping), dtype="float64",
                 name="damping", aggregation="only_first_replica")
+            # The weights before a step that adapts λ, to take the step back if the loss rose.
+            self._before_step = self.add_optimizer_variables(var_list, "before_step")
+            self.rejected_steps = self.add_variable((), initializer="zeros", dtype="int64",
+                                                    name="rejected_steps")
 
     def update_step(self, gradient, variable, learning_rate):
         """Momentum on the (already preconditioned and clipped) direction `gradient`; Adam for a
@@ -275,8 +280,20 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             stores.append((block, curvature))
             parts.append((block, ids, curvature))
             preconditioned.update(ids)
-            for i, d in zip(ids, block.precondition([grads[i] for i in ids], curvature)):
-                directions[i] = d
+        network = self._network_solve(parts, work, fresh) if parts else None
+        if network is not None:  # fisher_blocks="network": one solve for every block
+            solve, state, tries = network
+            retries.append(tries)
+            parts = [(b, ids, {**c, "damping": state["damping"]}) for b, ids, c in parts]
+            for (_, ids, _), ds in zip(parts, solve.precondition(
+                    [(b, c) for b, _, c in parts], [[grads[i] for i in ids] for _, ids, _ in parts],
+                    state)):
+                for i, d in zip(ids, ds):
+                    directions[i] = d
+        else:
+            for block, ids, curvature in parts:
+                for i, d in zip(ids, block.precondition([grads[i] for i in ids], curvature)):
+                    directions[i] = d
         first_order = [i for i, g in enumerate(grads) if g is not None and i not in preconditioned]
         self._first_order_indices = frozenset(self._get_variable_index(trainable_variables[i])
                                               for i in first_order)
@@ -354,6 +371,9 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         def take_step(directions, curvatures):
             for (block, _), curvature in zip(stores, curvatures):
                 block.commit(step, curvature)
+            if network is not None:
+                network[0].commit(tf.logical_or(fresh, tf.constant(self.adaptive_damping)),
+                                  network[1])
             # Keras divides by loss_scale_factor again inside apply.
             scaled = directions if scale == 1.0 else [None if d is None else d * scale
                                                       for d in directions]
@@ -542,6 +562,18 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             1.0 if lso_scale is None else tf.cast(lso_scale, tf.float64))
         return tf.cast(call.loss_grad, tf.float64) / unscale
 
+    def _network_solve(self, parts, work, fresh):
+        """(NetworkSolve, its curvature, retries) under fisher_blocks="network", else None."""
+        if getattr(self, "fisher_blocks", "layer") != "network":
+            return None
+        if self._network is None:
+            self._network = self._make_network_solve()
+            self._network.state_listener = self._block_state_created
+        grams = [c["gram"] for _, _, c in parts]
+        samples = tf.shape(work[0][3][0])[0]  # this step's m (the Grams may be padded)
+        state, tries = self._network.curvature(fresh, grams, samples, parts[0][0]._capacity)
+        return self._network, state, tries
+
     # ---- adaptive damping ----------------------------------------------------------------------
     def _damping_tensor(self) -> tf.Tensor:
         """λ now, float64: the adapted value, or the constant."""
@@ -568,7 +600,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             return None
         self._no_adaptation = None
         every = self.damping_adaptation_interval
-        adapt = tf.equal(tf.math.floormod(tf.cast(step, tf.int64), every), 0)
+        # Every `every` steps, and on every step after a step was taken back: until λ is large
+        # enough for the loss to go down, no step goes unchecked.
+        adapt = tf.logical_or(tf.equal(tf.math.floormod(tf.cast(step, tf.int64), every), 0),
+                              self.reduction_ratio < 0.0)
+        stepped = [(v, self._before_step[self._get_variable_index(v)])
+                   for v, g in zip(variables, grads) if g is not None]
         if self.adaptive_learning_rate:
             coefficients = tf.constant([1.0, 0.0], tf.float64)  # directions hold s itself
         else:
@@ -588,11 +625,13 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 predicted += adaptive.adam_model([grads[i] for i in adam],
                                                  [step for _, _, step in moments],
                                                  [v for _, v, _ in moments], eta)
+            for v, saved in stepped:
+                saved.assign(v)
             return replayer.recorded(), predicted
 
         zero = tf.constant(0.0, tf.float64)
         h0, predicted = tf.cond(adapt, before, lambda: (zero, zero))
-        return _Adaptation(self, replayer, adapt, h0, predicted)
+        return _Adaptation(self, replayer, adapt, h0, predicted, stepped)
 
     # ---- reporting ---------------------------------------------------------------------------
     def treatments(self) -> dict[str, str]:
@@ -637,7 +676,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 base, dtype=tf.int64, trainable=False, name=self._SEED_KEY)
 
     def _state_key(self, block) -> str:
-        return f"{self._STATE_PREFIX}{self._get_variable_index(block.variables[0])}"
+        key = getattr(block, "key", None)  # the network solve's own key
+        return key or f"{self._STATE_PREFIX}{self._get_variable_index(block.variables[0])}"
+
+    def _curvature_holders(self) -> list:
+        """Every object with saved curvature state: the blocks, and the network solve."""
+        return list(self._blocks.values()) + ([self._network] if self._network else [])
 
     def _block_state_created(self, block) -> None:
         """Called by a block (eagerly, in tf.init_scope) once its state variables exist."""
@@ -651,7 +695,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
     def _saved_block_state(self) -> dict[str, dict[str, np.ndarray]]:
         """{key: {field: array}} of every block, and of loaded state not yet bound to a block."""
         state = {k: dict(v) for k, v in self._pending_state.items()}
-        for block in self._blocks.values():
+        for block in self._curvature_holders():
             variables = block.state_variables
             if variables:
                 state[self._state_key(block)] = {f: v.numpy() for f, v in variables.items()}
@@ -680,7 +724,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 index, field = k[len(self._STATE_PREFIX):].split("_", 1)
                 loaded.setdefault(f"{self._STATE_PREFIX}{index}", {})[field] = np.asarray(store[k])
         self._pending_state = loaded
-        for block in self._blocks.values():
+        for block in self._curvature_holders():
             if not block.state_variables:
                 continue  # not built yet: it takes its pending state when it is
             # A file without curvature (saved before it was saved) leaves the block to recompute
@@ -717,9 +761,12 @@ class _Adaptation:
     adapt: tf.Tensor  # bool: this step adapts λ
     h0: tf.Tensor  # h(θ), float64 (0 on other steps)
     predicted: tf.Tensor  # M(s), float64
+    stepped: list  # (variable, its value before the step)
 
     def finish(self, taken, context) -> None:
-        """After the update: ρ = (h(θ + s) − h(θ)) / M(s), and λ from it (if the step was taken)."""
+        """After the update: ρ = (h(θ + s) − h(θ)) / M(s), and λ from it (if the step was taken).
+        A step that raised the loss (ρ < 0) is taken back: weights as before it, momentum
+        cleared, counted in `rejected_steps`."""
         opt = self.optimizer
         go = tf.logical_and(self.adapt, taken)
         zero = tf.constant(0.0, tf.float64)
@@ -735,6 +782,17 @@ class _Adaptation:
                                         MIN_DAMPING, MAX_DAMPING)
             lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
             opt.reduction_ratio.assign(tf.where(go, rho, tf.convert_to_tensor(opt.reduction_ratio)))
+
+            def take_back():
+                for v, saved in self.stepped:
+                    v.assign(saved)
+                    slot = opt._momentums[opt._get_variable_index(v)]
+                    slot.assign(tf.zeros_like(slot))
+                opt.rejected_steps.assign_add(1)
+                return tf.constant(True)
+
+            rejected = tf.logical_and(go, tf.logical_not(rho >= 0.0))
+            tf.cond(rejected, take_back, lambda: tf.constant(False))
 
 
 def _reference_value(learning_rate) -> float:

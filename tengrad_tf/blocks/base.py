@@ -103,13 +103,16 @@ class FisherBlock(abc.ABC):
     def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
                  damping: float | tf.Variable = 0.1, update_freq: int = 1, max_retries: int = 6,
                  jit_solve: bool = False, max_batch_size: int | None = None,
-                 adaptive_damping: bool = False):
+                 adaptive_damping: bool = False, joint: bool = False):
         self.layer = layer
         self.memory_budget = int(memory_budget)
         # A float, or (adaptive damping) the optimizer's λ variable, which can change between
         # curvature updates: the cache then keeps the Gram and refactorizes when λ changed.
         self.damping = damping
         self.adaptive_damping = bool(adaptive_damping)
+        # Part of the whole network's Fisher (blocks/network.py): the block caches its factors and
+        # hands over its Gram; the one m × m solve of all blocks together is not its own.
+        self.joint = bool(joint)
         self.update_freq = update_freq
         self.max_retries = max_retries
         # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
@@ -207,7 +210,7 @@ class FisherBlock(abc.ABC):
         P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors.
         Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead, unless the
         damping adapts (the inverse would have to be rebuilt from U at every change)."""
-        if self.d_in * self.d_out <= DIRECT_MAX_DIM and not self.adaptive_damping:
+        if self.d_in * self.d_out <= DIRECT_MAX_DIM and not (self.adaptive_damping or self.joint):
             return CacheKind.INVERSE
         if p is None or p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
             return CacheKind.FACTORS
@@ -284,14 +287,15 @@ class FisherBlock(abc.ABC):
 
         with tf.init_scope():
             state = {n: var(n, self.dtype) for n in names}
-            solve_state = "inverse" if cache is CacheKind.INVERSE else "cholesky"
-            state[solve_state] = var(solve_state, woodbury.SOLVE_DTYPE)
-            if self.adaptive_damping:  # K, the λ it was factorized for, and m (K may be padded)
-                state.update({n: var(n, woodbury.SOLVE_DTYPE)
-                              for n in ("gram", "requested", "samples")})
-            state["damping"] = tf.Variable(tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
-                                           name=f"{self.layer.name}_damping",
-                                           **distribute.REPLICA_LOCAL)
+            if not self.joint:
+                solve_state = "inverse" if cache is CacheKind.INVERSE else "cholesky"
+                state[solve_state] = var(solve_state, woodbury.SOLVE_DTYPE)
+                if self.adaptive_damping:  # K, the λ it was factorized for, m (K may be padded)
+                    state.update({n: var(n, woodbury.SOLVE_DTYPE)
+                                  for n in ("gram", "requested", "samples")})
+                state["damping"] = tf.Variable(
+                    tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
+                    name=f"{self.layer.name}_damping", **distribute.REPLICA_LOCAL)
             # False until curvature is first stored: a fresh or restored optimizer that starts in
             # the middle of a reuse window must not precondition with an empty cache.
             # Replica-local (tf.distribute): every replica writes the same values to its own copy.
@@ -359,9 +363,10 @@ class FisherBlock(abc.ABC):
                          "largest batch size used." if self.max_batch_size is not None else
                          "the first batch (its size was static when traced). Make the first batch "
                          "the largest, or pass TENGraD(max_batch_size=<largest batch size>)."))
-        if state["cholesky"].shape[0] is not None and state["cholesky"].shape[0] > cap:
+        square = state["cholesky" if "cholesky" in state else "gram"]  # m × m
+        if square.shape[0] is not None and square.shape[0] > cap:
             raise ValueError(too_large)  # static: say so while tracing
-        m = tf.shape(state["cholesky"])[0]
+        m = tf.shape(square)[0]
         # A dynamic batch size is checked at run time. XLA drops Assert ops, and a negative padding
         # would silently crop instead; so the padding is clamped at 0 and the shape check below,
         # which XLA does when it compiles for the actual batch size, fails for an oversized batch
@@ -382,7 +387,9 @@ class FisherBlock(abc.ABC):
                     padded = tf.pad(t, [[0, pad], [0, pad]])
                 else:
                     padded = tf.pad(t, [[0, pad]] + [[0, 0]] * (t.shape.rank - 1))
-                out[k] = tf.ensure_shape(padded, self._cache[k].shape, name=node)
+                # The joint mode's Gram goes to the network solve, not to this cache.
+                shape = self._cache[k].shape if k in self._cache else [cap, cap]
+                out[k] = tf.ensure_shape(padded, shape, name=node)
         return out
 
     def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
@@ -398,6 +405,9 @@ class FisherBlock(abc.ABC):
                 return self._explicit_inverse(inputs, output_grads)
         with tf.name_scope("tengrad_gram"):
             state, gram = self._factors_and_gram(inputs, output_grads)
+        if self.joint:  # factorized with the other blocks' Grams (blocks/network.py)
+            state["gram"] = tf.cast(gram, woodbury.SOLVE_DTYPE)
+            return state, tf.constant(0)
         with tf.name_scope("tengrad_cholesky"):
             lam = self._damping_now()
             damped = woodbury.factorize(gram, lam, self.max_retries, jit=self.jit_solve)
@@ -511,6 +521,9 @@ class FisherBlock(abc.ABC):
             return self._to_capacity(state), retries
 
         def reuse():
+            if self.joint:  # no Gram on reuse steps: the network keeps its factorization
+                rows = tf.shape(next(iter(cached.values())))[0]
+                return {**cached, "gram": tf.zeros([rows, rows], woodbury.SOLVE_DTYPE)}, tf.constant(0)
             if not self.adaptive_damping:
                 return cached, tf.constant(0)
             lam = self._damping_now()
@@ -538,19 +551,30 @@ class FisherBlock(abc.ABC):
                 return tf.constant(True)
             return assign
 
-        solve = ("cholesky", "damping", "requested") if self.adaptive_damping else ()
-        tf.cond(self.is_update(step), store(list(curvature)),
+        solve = ("cholesky", "damping", "requested") if (
+            self.adaptive_damping and not self.joint) else ()
+        tf.cond(self.is_update(step), store([k for k in curvature if k in self._cache]),
                 store(solve) if solve else lambda: tf.constant(False))
 
     def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
         """Uᵀv (m, 1) for v shaped like this block's variables, with the cached per-sample
         gradients U of `curvature` (factored caches only: the explicit inverse keeps no U)."""
+        return self._project_matrix(self.to_matrix(vectors), curvature)
+
+    def _project_matrix(self, v: tf.Tensor, curvature: dict[str, tf.Tensor]) -> tf.Tensor:
         c = curvature
         with tf.name_scope("tengrad_project"):
-            v = self.to_matrix(vectors)
             if "j" in c:
                 return per_sample.project_explicit(c["j"], v)
             return per_sample.project_factored(c["a"], c["g"], v)
+
+    def combine(self, s: tf.Tensor, curvature: dict[str, tf.Tensor]) -> tf.Tensor:
+        """U s as one (D_in, D_out) matrix, for s (m, 1) (factored caches only)."""
+        c = curvature
+        with tf.name_scope("tengrad_combine"):
+            if "j" in c:
+                return per_sample.combine_explicit(c["j"], s)
+            return per_sample.combine_factored(c["a"], c["g"], s)
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
@@ -561,20 +585,9 @@ class FisherBlock(abc.ABC):
                 v = self.to_matrix(grads)
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
                 return self.from_matrix(tf.reshape(tf.cast(d, v.dtype), tf.shape(v)))
-        with tf.name_scope("tengrad_project"):
-            v = self.to_matrix(grads)
-            if "j" in c:
-                utv = per_sample.project_explicit(c["j"], v)
-            else:
-                utv = per_sample.project_factored(c["a"], c["g"], v)
-
-        def u_times(s):
-            with tf.name_scope("tengrad_combine"):
-                if "j" in c:
-                    return per_sample.combine_explicit(c["j"], s)
-                return per_sample.combine_factored(c["a"], c["g"], s)
-
+        v = self.to_matrix(grads)
+        utv = self._project_matrix(v, c)
         with tf.name_scope("tengrad_solve"):
             damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
-            return self.from_matrix(woodbury.inverse_times(v, utv, u_times, damped,
-                                                           jit=self.jit_solve))
+            return self.from_matrix(woodbury.inverse_times(
+                v, utv, lambda s: self.combine(s, c), damped, jit=self.jit_solve))
