@@ -113,6 +113,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self._no_adaptation: str | None = None
         self.adaptive_damping = False  # TENGraD's option; K-FAC has no exact quadratic model
         self._network = None  # TENGraD's fisher_blocks="network" (blocks/network.py)
+        # Extra per-step quantities for callbacks.Diagnostics (set before the step is traced).
+        self._diagnostics = False
         self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
         # created before `compile`, so this is the place. It stays installed while this optimizer
@@ -147,6 +149,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                                                    name="step_coefficients")
         self.reduction_ratio = self.add_variable((), initializer="zeros", dtype="float64",
                                                  name="reduction_ratio")
+        # Written only while diagnostics are on (callbacks.Diagnostics): the KL clip's factor ν
+        # and the norm of the direction handed to the momentum (learning_rate="auto": the step).
+        self.kl_factor = self.add_variable((), initializer="ones", dtype="float64",
+                                           name="kl_factor")
+        self.direction_norm = self.add_variable((), initializer="zeros", dtype="float64",
+                                                name="direction_norm")
         if self.adaptive_damping:
             self.damping_variable = self.add_variable(
                 (), initializer=keras.initializers.Constant(self.damping), dtype="float64",
@@ -323,10 +331,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                     model = subspace(directions)
                     coefficients = model.best(None if self.adaptive_momentum else self.momentum)
                     if self.kl_clip is not None:
-                        kl = tf.reduce_sum(coefficients * tf.linalg.matvec(model.gram,
-                                                                           coefficients))
-                        coefficients *= tf.minimum(tf.constant(1.0, tf.float64), tf.sqrt(
-                            self.kl_clip / tf.maximum(kl, 1e-30)))
+                        coefficients *= self._kl_factor(tf.reduce_sum(
+                            coefficients * tf.linalg.matvec(model.gram, coefficients)))
                     self.step_coefficients.assign(coefficients)
                     a0, a1 = tf.unstack(coefficients)
                     for i in {i for _, _, ids in modelled for i in ids}:
@@ -351,6 +357,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
 
         adapting = self._damping_adaptation(record, losses, scale, step, parts, subspace,
                                             directions, grads, first_order, trainable_variables)
+        if self._diagnostics:
+            self.direction_norm.assign(tf.sqrt(_inner_product(directions, directions)))
 
         # ⟨d, g⟩ is finite only if every dᵢ and gᵢ is: a NaN or ±Inf anywhere makes the sum NaN or
         # ±Inf (Inf·0 is NaN). One scalar check instead of one per variable, and the KL clip needs
@@ -409,12 +417,19 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         if self.kl_clip is None:
             return directions
         lr = tf.cast(self.learning_rate, tf.float64)
-        # ⟨d, g⟩ > 0 in exact arithmetic (F + λI is positive definite); the floor only keeps a
-        # rounding-level value from turning into a division by zero.
-        nu = tf.minimum(tf.constant(1.0, tf.float64),
-                        tf.sqrt(self.kl_clip / (lr * lr * tf.maximum(vdg, 1e-30))))
+        nu = self._kl_factor(lr * lr * vdg)
         return [d if d is None or (only is not None and i not in only)
                 else d * tf.cast(nu, d.dtype) for i, d in enumerate(directions)]
+
+    def _kl_factor(self, kl) -> tf.Tensor:
+        """ν = min(1, sqrt(κ / KL)) for the quadratic model's KL of the step (float64)."""
+        # KL > 0 in exact arithmetic (F + λI is positive definite); the floor only keeps a
+        # rounding-level value from turning into a division by zero.
+        nu = tf.minimum(tf.constant(1.0, tf.float64),
+                        tf.sqrt(self.kl_clip / tf.maximum(kl, 1e-30)))
+        if self._diagnostics:
+            self.kl_factor.assign(nu)
+        return nu
 
     # ---- binding -----------------------------------------------------------------------------
     def _bind(self, record: capture.StepView, variables, grads) -> list[tuple[Any, list]]:
@@ -438,6 +453,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             if block is None:
                 block = self._blocks[id(layer)] = self._make_block(layer)
                 block.state_listener = self._block_state_created  # restore and track its state
+                block.diagnostics = self._diagnostics
             _check_same_batch(layer, calls)
             pairs.append((block, calls))
             text = block.describe(calls[0].inputs.shape)
@@ -634,6 +650,32 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         return _Adaptation(self, replayer, adapt, h0, predicted, stepped)
 
     # ---- reporting ---------------------------------------------------------------------------
+    def diagnostics(self) -> dict[str, float]:
+        """What the step rule did at the last step, as Python floats (callbacks.Diagnostics):
+        damping λ, the step's coefficients of d and of the previous step (learning_rate="auto"),
+        the reduction ratio ρ of the last damping adaptation, the KL clip's factor ν, the norm of
+        the direction, the counters, and each block's condition number of its damped Gram (of the
+        last curvature update)."""
+        if not self.built:
+            return {}
+        values = {
+            "damping": float(self.damping_variable.numpy()) if self.adaptive_damping
+            else float(getattr(self, "damping", float("nan"))),
+            "step_size": float(self.step_coefficients.numpy()[0]),
+            "momentum_coefficient": float(self.step_coefficients.numpy()[1]),
+            "reduction_ratio": float(self.reduction_ratio.numpy()),
+            "kl_factor": float(self.kl_factor.numpy()),
+            "direction_norm": float(self.direction_norm.numpy()),
+            "skipped_steps": int(self.skipped_steps.numpy()),
+            "damping_retries": int(self.damping_retries.numpy()),
+        }
+        if self.adaptive_damping:
+            values["rejected_steps"] = int(self.rejected_steps.numpy())
+        for block in self._blocks.values():
+            if getattr(block, "condition", None) is not None:
+                values[f"condition/{block.layer.name}"] = float(block.condition.numpy())
+        return values
+
     def treatments(self) -> dict[str, str]:
         """{variable path: how the last traced step treated it}. Empty before the first step."""
         return dict(self._treatments)

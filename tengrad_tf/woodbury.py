@@ -133,6 +133,17 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedIn
     return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, damped.retries)
 
 
+def condition_number(state: dict) -> tf.Tensor:
+    """cond(F + λI) restricted to what the cache holds: of mλ'I + K from its Cholesky factor
+    ("cholesky"), or of the explicit inverse ("inverse"); for diagnostics (an m³ or d³ eigvalsh)."""
+    if "cholesky" in state:
+        chol = state["cholesky"]
+        e = tf.linalg.eigvalsh(tf.matmul(chol, chol, transpose_b=True))
+    else:
+        e = tf.linalg.eigvalsh(state["inverse"])
+    return tf.reduce_max(e) / tf.reduce_min(e)
+
+
 def _as_solve_dtype(damping) -> tf.Tensor:
     # convert_to_tensor, not cast: tf.cast(0.05, float64) goes through float32 and rounds λ.
     return tf.cast(tf.convert_to_tensor(damping, dtype_hint=SOLVE_DTYPE), SOLVE_DTYPE)

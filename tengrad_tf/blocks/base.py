@@ -126,6 +126,9 @@ class FisherBlock(abc.ABC):
         # Set by the optimizer: called with this block once its cache exists (to restore it from a
         # saved optimizer and track it for checkpoints).
         self.state_listener = None
+        # callbacks.Diagnostics: keep the condition number of the damped Gram of each update.
+        self.diagnostics = False
+        self.condition: tf.Variable | None = None
 
     # ---- what a subclass provides ---------------------------------------------------------------
     @classmethod
@@ -302,6 +305,10 @@ class FisherBlock(abc.ABC):
             self._filled = tf.Variable(False, trainable=False, name=f"{self.layer.name}_filled",
                                        **distribute.REPLICA_LOCAL)
         self._cache = state
+        if self.diagnostics:
+            with tf.init_scope():
+                self.condition = tf.Variable(tf.constant(0.0, woodbury.SOLVE_DTYPE),
+                                             trainable=False, name=f"{self.layer.name}_condition")
         if self.state_listener is not None:
             with tf.init_scope():
                 self.state_listener(self)
@@ -548,6 +555,8 @@ class FisherBlock(abc.ABC):
                 for k in keys:
                     self._cache[k].assign(curvature[k])
                 self._filled.assign(True)
+                if self.condition is not None and keys:
+                    self.condition.assign(woodbury.condition_number(curvature))
                 return tf.constant(True)
             return assign
 
