@@ -24,15 +24,13 @@ def step_time_table(report) -> str:
 
 
 def defaults_table(report) -> str:
-    lines = [f"{report['seconds_per_run']:.0f} training seconds per run, fisher={report['fisher']}, "
-             f"{report['machine']['cpus']} CPUs, commit {report['commit']}, {report['date']}", "",
-             "| model | optimizer | configuration | steps | test accuracy | test loss |",
-             "|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "Keras defaults"
-        lines.append(f"| {r['model']} | {r['optimizer']} | {config} | {r['steps']} | "
-                     f"{r['test_accuracy']:.4f} | {r['test_loss']:.4f} |")
-    return "\n".join(lines) + "\n"
+    from benchmarks.defaults import markdown_table
+    return markdown_table(report)
+
+
+def damping_table(report) -> str:
+    from benchmarks.damping import markdown_table
+    return markdown_table(report)
 
 
 def memory_table(report) -> str:
@@ -51,7 +49,8 @@ def capture_overhead_table(report) -> str:
 
 
 TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table,
-          "profile_step": profile_step_table, "capture_overhead": capture_overhead_table}
+          "profile_step": profile_step_table, "capture_overhead": capture_overhead_table,
+          "damping": damping_table}
 
 
 def extra_tables() -> dict:

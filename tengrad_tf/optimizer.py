@@ -77,7 +77,7 @@ class TENGraD(PreconditionedOptimizer):
         learning_rate=0.003,
         damping=0.1,
         momentum=0.9,
-        adaptive_damping=False,
+        adaptive_damping=True,
         damping_adaptation_interval=5,
         fisher_blocks="layer",
         weight_decay=None,

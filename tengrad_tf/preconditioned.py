@@ -616,10 +616,10 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             return None
         self._no_adaptation = None
         every = self.damping_adaptation_interval
-        # Every `every` steps, and on every step after a step was taken back: until λ is large
-        # enough for the loss to go down, no step goes unchecked.
+        # Every `every` steps, and on every step after one that did less than a quarter of what
+        # the model promised (or was taken back): while λ is too small, no step goes unchecked.
         adapt = tf.logical_or(tf.equal(tf.math.floormod(tf.cast(step, tf.int64), every), 0),
-                              self.reduction_ratio < 0.0)
+                              self.reduction_ratio < 0.25)
         stepped = [(v, self._before_step[self._get_variable_index(v)])
                    for v, g in zip(variables, grads) if g is not None]
         if self.adaptive_learning_rate:
@@ -820,8 +820,14 @@ class _Adaptation:
             rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
                                        -tf.ones_like(self.predicted), self.predicted)
             lam = opt.damping_variable
-            new = adaptive.next_damping(lam, rho, opt.damping_adaptation_interval,
-                                        MIN_DAMPING, MAX_DAMPING)
+            new = adaptive.next_damping(lam, rho, opt.damping_adaptation_interval, MIN_DAMPING,
+                                        MAX_DAMPING)
+            if not opt.adaptive_learning_rate:
+                # With a fixed learning rate λ only ever rises: a small step is always predicted
+                # well (ρ ≈ 1), which would drive λ towards 0 and the direction into the null
+                # space of the stale curvature; λ is there to stop steps that raise the loss.
+                # With learning_rate="auto" it is the model's damping, both ways.
+                new = tf.maximum(new, tf.convert_to_tensor(lam))
             lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
             opt.reduction_ratio.assign(tf.where(go, rho, tf.convert_to_tensor(opt.reduction_ratio)))
 

@@ -164,7 +164,8 @@ def test_network_fisher_is_the_exact_damped_natural_gradient_of_all_blocks(
     assert np.linalg.norm(block - d) > 1e-2 * np.linalg.norm(d)
     before = np.concatenate([v.numpy().ravel() for v in variables])
     opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher=fisher_type, fisher_blocks="network")
+                  curvature_update_freq=1, fisher=fisher_type, fisher_blocks="network",
+                  adaptive_damping=False)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     after = np.concatenate([v.numpy().ravel() for v in variables])

@@ -22,7 +22,7 @@ M, NOISE, FEATURES = 6, 3, 4
 
 def plain(**kw):
     base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None,
-                curvature_update_freq=1)
+                curvature_update_freq=1, adaptive_damping=False)
     base.update(kw)
     return TENGraD(**base)
 

@@ -50,7 +50,8 @@ def data():
 
 
 def tengrad(**kw):
-    base = dict(learning_rate=0.1, damping=0.5, momentum=0.0, kl_clip=None, curvature_update_freq=2)
+    base = dict(learning_rate=0.1, damping=0.5, momentum=0.0, kl_clip=None, curvature_update_freq=2,
+                adaptive_damping=False)
     base.update(kw)
     return TENGraD(**base)
 
@@ -181,3 +182,20 @@ def test_capture_records_the_scale_that_scale_loss_applied():
         assert float(recorded) == float(scaled) / 3.0 == scale
         assert capture.current_record().loss_scale_of(tengrad()) is None  # another optimizer's
     capture._reset_eager_record()
+
+
+@pytest.mark.parametrize("policy", list(TOLERANCE))
+def test_adaptive_damping_under_mixed_precision_matches_float32(policy):
+    """The loss replayed at the new weights runs in the policy's precision and is unscaled like the
+    recorded one: ρ and the adapted λ after the first step are those of float32, to the policy's
+    rounding."""
+    init = initial_weights()
+    opts = {}
+    for p in ("float32", policy):
+        opts[p] = tengrad(fisher="empirical", adaptive_damping=True, damping=1e-3)
+        train(p, opts[p], init, steps=1)
+    ratio = {p: float(o.reduction_ratio.numpy()) for p, o in opts.items()}
+    assert ratio["float32"] != 0.0
+    assert abs(ratio[policy] - ratio["float32"]) < 10 * TOLERANCE[policy] * abs(ratio["float32"])
+    lam = {p: float(o.damping_variable.numpy()) for p, o in opts.items()}
+    assert lam[policy] == pytest.approx(lam["float32"])  # same adaptation decision

@@ -53,7 +53,7 @@ def check_one_step(layer, input_shape, m, damping, fisher_type, seed):
     expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_sce, damping)
     before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
     opt = TENGraD(learning_rate=LR, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher=fisher_type)
+                  curvature_update_freq=1, fisher=fisher_type, adaptive_damping=False)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fisher, "sample_labels",

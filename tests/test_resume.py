@@ -32,8 +32,9 @@ CONFIGS = {
     "tengrad-empirical": lambda: TENGraD(learning_rate=0.05, fisher="empirical",
                                          curvature_update_freq=3),
     "tengrad-true": lambda: TENGraD(learning_rate=0.05, fisher="true", curvature_update_freq=3),
+    # The explicit inverse of small blocks is cached only with a fixed damping.
     "tengrad-true-inverse": lambda: TENGraD(learning_rate=0.05, fisher="true",
-                                            curvature_update_freq=3),
+                                            curvature_update_freq=3, adaptive_damping=False),
     "kfac-true": lambda: KFAC(learning_rate=0.05, fisher="true", kl_clip=1e-2, stat_decay=0.9,
                               cov_update_freq=2, inv_update_freq=3),
 }

@@ -43,6 +43,8 @@ def plain(cls=TENGraD, **kw):
     """One exact natural-gradient step per call: no momentum, clipping or reuse; d = g for
     variables without a block, as the reference has it."""
     base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None, first_order="sgd")
+    if cls is TENGraD:
+        base["adaptive_damping"] = False
     base.update(dict(curvature_update_freq=1) if cls is TENGraD else
                  dict(cov_update_freq=1, inv_update_freq=1))
     base.update(kw)
@@ -106,6 +108,7 @@ COMMON_BAD = [
 SPECIFIC_BAD = {
     TENGraD: [("damping", 0.0), ("damping", float("inf")), ("damping", "big"),
               ("adaptive_damping", "yes"), ("damping_adaptation_interval", 0),
+              ("fisher_blocks", "all"),
               ("curvature_update_freq", 0), ("curvature_update_freq", 2.5),
               ("memory_budget", 1000), ("memory_budget", 2.0**30),
               ("max_damping_retries", -1), ("max_damping_retries", None),

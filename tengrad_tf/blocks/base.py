@@ -468,6 +468,15 @@ class FisherBlock(abc.ABC):
         elif threshold < 1:
             j = route_e()
             gram = per_sample.gram_explicit(j)
+        elif g.shape[0] is not None:
+            # A static batch decides the route here: a tf.cond on a constant predicate would be
+            # folded by grappler, and a pruned branch holding a chunk loop (map_fn) breaks its
+            # topological sort, after which it leaves the step unoptimized.
+            if g.shape[0] < threshold:
+                a, gram = route_f()
+            else:
+                j = route_e()
+                gram = per_sample.gram_explicit(j)
         else:
             j = route_e() if cache is CacheKind.PER_SAMPLE else None
             gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],

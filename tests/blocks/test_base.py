@@ -38,7 +38,7 @@ def test_inverse_is_reused_between_updates(float64, direct_inverse):
     x, y = data(16)
     x0, y0, x1, y1 = x[:8], y[:8], x[8:], y[8:]
     opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=2, fisher="empirical")
+                  curvature_update_freq=2, fisher="empirical", adaptive_damping=False)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     # Curvature of step 0: batch 0's per-sample gradients at the initial weights.
     u0 = reference.per_sample_gradients(model, x0, y0, per_sample_sce, model.trainable_variables)

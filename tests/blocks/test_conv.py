@@ -20,7 +20,7 @@ def one_step_matches_reference(model, x, y, damping=0.05, lr=0.125):
     expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
     before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
     opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical")
+                  curvature_update_freq=1, fisher="empirical", adaptive_damping=False)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
     for v in model.trainable_variables:
@@ -146,7 +146,8 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
     expected.update(direction(u2, dense.kernel, dense.bias))
     before = {v.path: v.numpy().ravel() for v in variables}
     opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical", first_order="sgd")
+                  curvature_update_freq=1, fisher="empirical", first_order="sgd",
+                  adaptive_damping=False)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     for v in variables:
