@@ -34,6 +34,7 @@ import dataclasses
 import logging
 import math
 import random
+import threading
 from typing import Any
 
 import keras
@@ -45,6 +46,7 @@ from tengrad_tf import _tf_private, capture, distribute, fisher, layers
 from tengrad_tf.capture import BindingError
 
 logger = logging.getLogger("tengrad_tf")
+_WARNING_LOCK = threading.Lock()
 
 FIRST_ORDER_OTHER = "first-order: no layer that ran under the step's GradientTape owns it"
 
@@ -83,7 +85,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.seed = seed
         self._blocks: dict[int, Any] = {}
         self._treatments: dict[str, str] = {}
-        self._warned_first_order: list[str] = []
+        self._warned_first_order: frozenset[str] = frozenset()
         self._init_resume_state(seed)
         # Capture must be active before the first trace of the train step, and the optimizer is
         # created before `compile`, so this is the place. It stays installed while this optimizer
@@ -316,9 +318,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 "optimizer."
             )
         first_order = [p for p, t in self._treatments.items() if t.startswith("first-order")]
-        # Once per optimizer for a given set: fit may trace its step more than once.
-        if first_order and first_order != self._warned_first_order:
-            self._warned_first_order = first_order
+        # Once per optimizer for a given set: fit may trace its step more than once, and replicas
+        # of a MirroredStrategy trace it concurrently, one thread each.
+        with _WARNING_LOCK:
+            if not first_order or frozenset(first_order) == self._warned_first_order:
+                return pairs
+            self._warned_first_order = frozenset(first_order)
             logger.warning("%s: %d of %d variables are first-order (d = g): %s. "
                            "optimizer.summary() lists why.", type(self).__name__, len(first_order),
                            len(self._treatments), ", ".join(first_order))
