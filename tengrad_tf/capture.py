@@ -607,9 +607,9 @@ def _patches() -> list[tuple[Any, str, Callable]]:
 def acquire(owner) -> None:
     """Install capture for as long as `owner` (a TENGraD/KFAC instance) lives.
 
-    The patch is process-wide while installed (every Dense/Conv call under a recording tape gets a
-    tap), so it is removed as soon as the last owner is garbage-collected: a model traced after
-    that, with any optimizer, carries no capture op. Thread-safe."""
+    The patch is process-wide while installed (every call of a covered layer under a recording tape
+    gets a tap), so it is removed as soon as the last owner is garbage-collected: a model traced
+    after that, with any optimizer, carries no capture op. Thread-safe."""
     global _users
     with _lock:
         if _users == 0:

@@ -242,7 +242,10 @@ class KroneckerBlock:
         root = tf.constant(self.damping ** 0.5, dtype)
 
         def inverse(f, damping):
-            f = 0.5 * (f + tf.linalg.matrix_transpose(f))
+            # eigh reads the lower triangle only: a factor that rounding left slightly asymmetric
+            # is taken as the symmetric matrix of its lower triangle. (Symmetrizing a batch of
+            # factors as (F + Fᵀ)/2 instead made grappler's arithmetic optimizer miswire the step's
+            # graph under TF 2.21, for depthwise layers in a fit on a tf.data iterator.)
             e, q = tf.linalg.eigh(f)
             e = tf.maximum(e, 0) + damping[..., None]
             return tf.matmul(q / e[..., None, :], q, transpose_b=True)

@@ -52,7 +52,7 @@ FIRST_ORDER_OTHER = "first-order: no layer that ran under the step's GradientTap
 
 
 class PreconditionedOptimizer(keras.optimizers.Optimizer):
-    """Base class: a Keras optimizer whose Dense/Conv blocks are preconditioned by curvature blocks.
+    """Base class: a Keras optimizer whose layers are preconditioned by curvature blocks.
 
     Subclasses provide `_make_block(layer)` and their own hyperparameters. Arguments shared by all:
     learning_rate, momentum, weight_decay, fisher, kl_clip, max_consecutive_skips, seed, and every
@@ -294,11 +294,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                        if g is not None and v.path not in treatments and id(v) not in first_order]
         for v, layer in record.owners(unexplained).items():
             first_order[v] = (layer, layers.first_order_reason(layer))
+        first_order_layers = {}  # path: (layer, reason)
         for v, g in zip(variables, grads):
             if v.path in treatments:
                 continue
             if id(v) in first_order:
-                layer, reason = first_order[id(v)]
+                layer, reason = first_order_layers[v.path] = first_order[id(v)]
                 treatments[v.path] = f"first-order: {type(layer).__name__} '{layer.name}': {reason}"
             elif g is None:
                 treatments[v.path] = "not updated: no gradient"
@@ -324,9 +325,13 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             if not first_order or frozenset(first_order) == self._warned_first_order:
                 return pairs
             self._warned_first_order = frozenset(first_order)
+            # Named by layer ("LSTM 'lstm'"), or by path where no layer that ran owns it.
+            owners = dict.fromkeys(
+                f"{type(first_order_layers[p][0]).__name__} '{first_order_layers[p][0].name}'"
+                if p in first_order_layers else p for p in first_order)
             logger.warning("%s: %d of %d variables are first-order (d = g): %s. "
                            "optimizer.summary() lists why.", type(self).__name__, len(first_order),
-                           len(self._treatments), ", ".join(first_order))
+                           len(self._treatments), ", ".join(owners))
         return pairs
 
     def _output_gradients(self, record, pairs, loss_scale, fresh) -> dict[int, list[tf.Tensor]]:
