@@ -142,3 +142,17 @@ def test_unfold_by_slicing_matches_extract_patches(padding, strides, dilation):
     expected = unfold(x, (3, 2), strides, (dilation, dilation), padding)
     got = _unfold_by_slicing(x, (3, 2), strides, (dilation, dilation), padding)
     np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
+@pytest.mark.parametrize("layer", ["depthwise", "conv3d", "conv3d_transpose", "conv2d_transpose"])
+def test_true_fisher_without_bias(float64, fixed_sampled_labels, layer):
+    if layer == "depthwise":
+        shape, conv = (6, 5, 2), keras.layers.DepthwiseConv2D(3, strides=2, use_bias=False)
+    elif layer == "conv3d":
+        shape, conv = (4, 3, 3, 2), keras.layers.Conv3D(2, 2, use_bias=False, activation="tanh")
+    elif layer == "conv3d_transpose":
+        shape, conv = (2, 3, 2, 2), keras.layers.Conv3DTranspose(2, 2, use_bias=False)
+    else:
+        shape, conv = (3, 4, 2), keras.layers.Conv2DTranspose(2, 3, strides=2, use_bias=False)
+    x, y = data(shape, m=4)
+    fit_matches_reference(conv_model(conv, shape), x, y, "true", fixed_sampled_labels)

@@ -124,3 +124,21 @@ def test_batch_renormalization_is_first_order_by_name():
     bn = model.layers[1]
     assert treatment(opt, bn).startswith(
         f"first-order: BatchNormalization '{bn.name}': batch renormalization")
+
+
+def test_the_reference_tells_a_wrong_block_apart(float64):
+    """γ and β as two blocks (no cross terms) gives a direction far outside the tolerance of the
+    tests above: they would catch a block that dropped β's part of uᵢ or its coupling with γ."""
+    from tests import reference
+    from tests.layers.exactness import DAMPING, per_sample_sce
+
+    x, y = data((4, 3))
+    norm = keras.layers.LayerNormalization(gamma_initializer="random_normal")
+    model = keras.Sequential([keras.Input((4, 3)), norm, keras.layers.Flatten(),
+                              keras.layers.Dense(3)])
+    right, _ = reference.reference_directions(model, x, y, y, per_sample_sce, DAMPING)
+    wrong, _ = reference.reference_directions(
+        model, x, y, y, per_sample_sce, DAMPING,
+        blocks=[(norm.gamma,), (norm.beta,)] + reference.layer_blocks(model)[1:])
+    for v in (norm.gamma, norm.beta):
+        assert np.linalg.norm(wrong[v.path] - right[v.path]) > 1e-3 * np.linalg.norm(right[v.path])
