@@ -10,8 +10,7 @@ What it is for:
 
 * Channels-last models built only from public Keras layers (``Conv2D``, ``Dense``,
   ``DepthwiseConv2D``, ``BatchNormalization``, pooling, ``ReLU``, ``Add``, ``Concatenate``), so
-  that TENGraD finds and preconditions every ``Conv2D``/``Dense`` layer; ``BatchNormalization``
-  and ``DepthwiseConv2D`` weights are left to its first-order fallback.
+  that TENGraD finds every weight layer and preconditions it with an exact block.
 * Every model returns logits (no softmax): train with
   ``SparseCategoricalCrossentropy(from_logits=True)``.
 * Width knobs (``width``/``hidden`` for 3C1F, ``width_multiplier``, ``depth``, ``growth_rate``)

@@ -494,7 +494,7 @@ class FisherBlock:
             with tf.name_scope("tengrad_solve"):
                 v = h.to_matrix(grads)
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
-                return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), tf.shape(v)))
+                return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), h.matrix_shape))
         with tf.name_scope("tengrad_project"):
             v = h.to_matrix(grads)
             utv = self._project(c, v)
