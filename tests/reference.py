@@ -69,6 +69,7 @@ BLOCK_VARIABLES = {
     **dict.fromkeys(["LayerNormalization", "GroupNormalization", "BatchNormalization"],
                     ("gamma", "beta")),
     "Embedding": ("embeddings",),
+    "RMSNormalization": ("scale",),
 }
 
 

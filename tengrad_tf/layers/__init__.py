@@ -14,13 +14,13 @@ from tengrad_tf.layers.conv import (ConvHelper, ConvTransposeHelper, DepthwiseCo
 from tengrad_tf.layers.dense import DenseHelper, EinsumDenseHelper
 from tengrad_tf.layers.embedding import EmbeddingHelper
 from tengrad_tf.layers.normalization import (BatchNormalizationHelper, GroupNormalizationHelper,
-                                             LayerNormalizationHelper)
+                                             LayerNormalizationHelper, RMSNormalizationHelper)
 from tengrad_tf.layers.recurrent import RecurrentHelper
 
 HELPERS: tuple[type[LayerHelper], ...] = (
     DenseHelper, EinsumDenseHelper, EmbeddingHelper, ConvHelper, DepthwiseConvHelper,
-    SeparableConvHelper, ConvTransposeHelper, LayerNormalizationHelper, GroupNormalizationHelper,
-    BatchNormalizationHelper, RecurrentHelper,
+    SeparableConvHelper, ConvTransposeHelper, LayerNormalizationHelper, RMSNormalizationHelper,
+    GroupNormalizationHelper, BatchNormalizationHelper, RecurrentHelper,
 )
 
 
@@ -74,7 +74,7 @@ __all__ = [
     "BatchNormalizationHelper", "ConvHelper", "ConvTransposeHelper", "DenseHelper",
     "DepthwiseConvHelper", "EinsumDenseHelper", "EmbeddingHelper", "ExplicitHelper", "Forward",
     "GroupNormalizationHelper", "HELPERS", "KroneckerHelper", "LayerHelper",
-    "LayerNormalizationHelper", "RecurrentHelper", "SeparableConvHelper", "Structure",
+    "LayerNormalizationHelper", "RMSNormalizationHelper", "RecurrentHelper", "SeparableConvHelper", "Structure",
     "TokensHelper", "as_rows", "call_owner", "captured_classes", "first_order_reason",
     "helper_class_for", "helper_for", "unfold",
 ]

@@ -1,4 +1,4 @@
-"""LayerNormalization, GroupNormalization and BatchNormalization: γ and β as one block.
+"""Layer-, RMS-, Group- and BatchNormalization: γ and β as one block.
 
 Each normalizes its input to x̂ and returns y = x̂ ⊙ γ + β, with γ and β indexed by the parameter
 axes (the features for LayerNormalization, the channels for the others) and shared over the
@@ -106,6 +106,30 @@ class LayerNormalizationHelper(NormalizationHelper):
                                      + layer.epsilon)
         mean, variance = tf.nn.moments(x, axes, keepdims=True)
         return (x - mean) * tf.math.rsqrt(variance + layer.epsilon)
+
+
+class RMSNormalizationHelper(NormalizationHelper):
+    """RMSNormalization: y = x · rsqrt(mean(x²) + ε) ⊙ scale, no β."""
+
+    layer_classes = (keras.layers.RMSNormalization,)
+    kind = "RMSNormalization"
+
+    @property
+    def variables(self):
+        return [self.layer.scale]
+
+    def param_axes(self, rank):
+        return _positive(self.layer.axis, rank)
+
+    def normalized(self, recorded):
+        x = tf.cast(recorded, self.dtype)
+        axes = self.param_axes(len(x.shape))
+        epsilon = self.layer.epsilon if self.layer.epsilon is not None else keras.config.epsilon()
+        return x * tf.math.rsqrt(tf.reduce_mean(tf.square(x), axis=axes, keepdims=True) + epsilon)
+
+    def per_sample_gradients(self, recorded, output_grad):
+        g = self._rows(tf.cast(output_grad, self.dtype))
+        return tf.reduce_sum(self._rows(self.normalized(recorded)) * g, axis=1)
 
 
 class GroupNormalizationHelper(NormalizationHelper):

@@ -142,3 +142,13 @@ def test_the_reference_tells_a_wrong_block_apart(float64):
         blocks=[(norm.gamma,), (norm.beta,)] + reference.layer_blocks(model)[1:])
     for v in (norm.gamma, norm.beta):
         assert np.linalg.norm(wrong[v.path] - right[v.path]) > 1e-3 * np.linalg.norm(right[v.path])
+
+
+@pytest.mark.parametrize("fisher_type", FISHERS)
+def test_rms_normalization(float64, fixed_sampled_labels, fisher_type):
+    x, y = data((4, 3))
+    norm = keras.layers.RMSNormalization()
+    model = keras.Sequential([keras.Input((4, 3)), keras.layers.Dense(5, activation="tanh"), norm,
+                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    opt = fit_matches_reference(model, x, y, fisher_type, fixed_sampled_labels)
+    assert treatment(opt, norm).startswith("RMSNormalization block")
