@@ -137,8 +137,8 @@ class KroneckerBlock:
         a = f"diagonal {self.d_in}" if self.diagonal else f"{self.d_in}×{self.d_in}"
         groups = f" per group ({self.groups})" if self.groups > 1 else ""
         return (
-            f"K-FAC {h.kind} block of layer '{self.layer.name}' ({h.describe_parameters()}; A: {a}, "
-            f"G: {self.d_out}×{self.d_out}{groups}, P={'dynamic' if p is None else p}; factors "
+            f"K-FAC {h.kind} block of layer '{self.layer.name}' ({h.describe_parameters()}; "
+            f"A: {a}, G: {self.d_out}×{self.d_out}{groups}, P={'dynamic' if p is None else p}; factors "
             f"every {self.cov_update_freq} steps, inverses every {self.inv_update_freq})"
         )
 

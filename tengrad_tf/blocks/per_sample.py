@@ -2,8 +2,9 @@
 
 Dense and EinsumDense (P = 1, or P = the positions of a rank > 2 input) and convolutions (P = output
 positions) share one structure: sample i has patch rows Âᵢ (P × D_in, bias column folded in) and
-output gradients Gᵢ (P × D_out), and its gradient is the D_in × D_out matrix Jᵢ = Âᵢᵀ Gᵢ. Everything a Fisher block
-needs is written here once, as pure functions on batched tensors (leading axis = samples):
+output gradients Gᵢ (P × D_out), and its gradient is the D_in × D_out matrix Jᵢ = Âᵢᵀ Gᵢ.
+Everything a Fisher block needs is written here once, as pure functions on batched tensors
+(leading axis = samples):
 
   gram_factored   K = UᵀU without forming any Jᵢ (route F):  Kᵢⱼ = Σₜₛ (ÂᵢÂⱼᵀ)ₜₛ (GᵢGⱼᵀ)ₜₛ
   per_sample      J, the explicit per-sample gradients (route E), then gram_explicit K = J Jᵀ

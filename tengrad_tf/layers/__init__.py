@@ -74,7 +74,8 @@ __all__ = [
     "BatchNormalizationHelper", "ConvHelper", "ConvTransposeHelper", "DenseHelper",
     "DepthwiseConvHelper", "EinsumDenseHelper", "EmbeddingHelper", "ExplicitHelper", "Forward",
     "GroupNormalizationHelper", "HELPERS", "KroneckerHelper", "LayerHelper",
-    "LayerNormalizationHelper", "RMSNormalizationHelper", "RecurrentHelper", "SeparableConvHelper", "Structure",
+    "LayerNormalizationHelper", "RMSNormalizationHelper", "RecurrentHelper",
+    "SeparableConvHelper", "Structure",
     "TokensHelper", "as_rows", "call_owner", "captured_classes", "first_order_reason",
     "helper_class_for", "helper_for", "unfold",
 ]

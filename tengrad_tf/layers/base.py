@@ -310,7 +310,6 @@ class TokensHelper(LayerHelper):
         return as_rows(tf.cast(output_grad, self.dtype), self.d_out)
 
 
-
 def call_arguments(original: Callable, layer, args: tuple, kwargs: dict) -> dict[str, Any]:
     """The arguments of a `call` by name (`inputs`, `training`, `mask`, ...), defaults applied."""
     bound = inspect.signature(original).bind(layer, *args, **kwargs)

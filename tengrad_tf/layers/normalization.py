@@ -153,8 +153,8 @@ class GroupNormalizationHelper(NormalizationHelper):
         # As Keras does it: the channel axis split into (groups, channels per group), moments over
         # everything but the samples and the groups.
         shape = tf.unstack(tf.shape(x))
-        grouped_shape = shape[:axis] + [layer.groups, shape[axis] // layer.groups] + shape[axis + 1:]
-        grouped = tf.reshape(x, tf.stack(grouped_shape))
+        groups = [layer.groups, shape[axis] // layer.groups]
+        grouped = tf.reshape(x, tf.stack(shape[:axis] + groups + shape[axis + 1:]))
         reduce = [a for a in range(1, rank + 1) if a != axis]
         mean, variance = tf.nn.moments(grouped, reduce, keepdims=True)
         return tf.reshape((grouped - mean) * tf.math.rsqrt(variance + layer.epsilon), tf.shape(x))
