@@ -155,7 +155,9 @@ class Record:
     # While the optimizer differentiates its own sampled loss, the taps must not record.
     frozen: bool = False
     # (LossScaleOptimizer, the scale its scale_loss multiplied the loss with) in this step.
-    loss_scales: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    # Weakly: the record lives as long as its graph, which must not keep the wrapper (and so the
+    # optimizer it wraps, and capture) alive.
+    loss_scales: list[tuple[weakref.ref, Any]] = dataclasses.field(default_factory=list)
     # The tracked passes that reached this record's taps, in order, and the untracked one.
     passes: list[BackwardPass] = dataclasses.field(default_factory=list)
     untracked: BackwardPass = dataclasses.field(
@@ -190,7 +192,8 @@ class Record:
     def loss_scale_of(self, optimizer):
         """The scale a LossScaleOptimizer wrapping `optimizer` applied to this step's loss (None
         if none did: then the captured output gradients carry no such scale)."""
-        scales = [s for lso, s in self.loss_scales if lso.inner_optimizer is optimizer]
+        scales = [s for lso, s in self.loss_scales
+                  if lso() is not None and lso().inner_optimizer is optimizer]
         return scales[-1] if scales else None
 
     def _note_pass(self, backward: BackwardPass) -> None:
@@ -559,8 +562,8 @@ def _capturing_scale_loss(original: Callable) -> Callable:
         scale = tf.convert_to_tensor(scale, tf.float32)
         record = current_record()
         # Keep one entry per wrapper: an eager loop that scales without stepping must not grow it.
-        record.loss_scales = [(o, s) for o, s in record.loss_scales if o is not self]
-        record.loss_scales.append((self, scale))
+        record.loss_scales = [(o, s) for o, s in record.loss_scales if o() is not self]
+        record.loss_scales.append((weakref.ref(self), scale))
         return original(self, loss)
 
     return scale_loss

@@ -619,8 +619,10 @@ def _batch_dimension(record: capture.StepView):
         return None if None in candidates else candidates[0]
     for call in record.loss_calls:
         y_pred = tf.nest.flatten(call.y_pred)
-        if call.loss_grad is not None and y_pred and tf.is_tensor(y_pred[0]) and y_pred[0].shape.rank:
-            return y_pred[0].shape[0] if y_pred[0].shape[0] in candidates else Ellipsis
+        if call.loss_grad is None or not y_pred or not tf.is_tensor(y_pred[0]):
+            continue
+        first = y_pred[0].shape[0] if y_pred[0].shape.rank else None
+        return first if first in candidates else Ellipsis
     return Ellipsis
 
 
