@@ -5,9 +5,9 @@ Models (batch 128):
   mlp          Fashion-MNIST, 784-256-10 (ReLU)
   cnn          Fashion-MNIST, 3C1F at width 32, hidden 128
   textcnn      synthetic text (tengrad_tf.data.synthetic_text: 4 classes, 2000 tokens, length 40),
-               Embedding(64) + Conv1D(128, 5) + GlobalMaxPool + Dense(64) + Dense
-  transformer  the same task, a one-block Transformer encoder (Embedding + positions, 4 heads,
-               LayerNorm, FFN 128, pooling)
+               models.text_cnn: Embedding(64) + Conv1D(128, 5) + GlobalMaxPool + Dense
+  transformer  the same task, models.transformer_classifier: one Transformer encoder block
+               (token and position embeddings, 4 heads, LayerNorm, FFN 128, pooling)
 Every run trains the same initialization (per seed) for `--seconds` of wall-clock training time,
 the first step's tracing included (a user's clock includes it); the clock stops while the test set
 is evaluated at the end. Within a seed the optimizers run interleaved, so machine noise hits them

@@ -1,16 +1,23 @@
 """Seconds per training step of TENGraD, K-FAC and Adam against SGD(momentum=0.9), in one run.
 
 Models (batch 128, synthetic inputs of the right shape: the data does not change a step's cost):
-  mlp   784-512-256-10
-  3c1f  the paper's Fashion-MNIST CNN: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3, Dense 500, 10
+  mlp           784-512-256-10
+  3c1f          the paper's Fashion-MNIST CNN: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3,
+                Dense 500, 10
+  mobilenet_v2  keras.applications.MobileNetV2(alpha=0.35), 32×32×3, 10 classes (logits):
+                Conv2D, DepthwiseConv2D and BatchNormalization blocks
+  transformer   tengrad_tf.models.transformer_classifier: a 20k-token Embedding and positions
+                (64 × 64), one MultiHeadAttention block (4 heads) with LayerNormalization and a
+                Dense FFN (128), pooling, 10 classes
 
 Each configuration runs `model.fit` on a repeated in-memory batch; a callback times every step.
 Configurations are interleaved in rounds so that machine noise hits them alike, and the report gives
 the median of each and its ratio to SGD's median. Peak memory is measured per configuration in a
 fresh subprocess (peak RSS), since a process's peak only grows.
 
-    python benchmarks/step_time.py                      # both models, all optimizers
+    python benchmarks/step_time.py                      # all four models, all optimizers
     python benchmarks/step_time.py --models mlp --steps 30 --rounds 3
+    python benchmarks/step_time.py --models mobilenet_v2 transformer
     python benchmarks/step_time.py --jit                # also model.compile(jit_compile=True)
 
 Writes JSON (and a Markdown table) under --out (default benchmarks/results/) and prints the path.
@@ -35,9 +42,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tengrad_tf import KFAC, TENGraD  # noqa: E402
+from tengrad_tf import KFAC, TENGraD, models  # noqa: E402
 
 BATCH = 128
+MODELS = ["mlp", "3c1f", "mobilenet_v2", "transformer"]
+VOCABULARY, LENGTH = 20000, 64
 
 
 def build(model_name: str) -> tuple[keras.Model, tuple]:
@@ -51,7 +60,19 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
         layers += [keras.layers.MaxPooling2D(3), keras.layers.Flatten(),
                    keras.layers.Dense(500, activation="relu"), keras.layers.Dense(10)]
         return keras.Sequential(layers), (28, 28, 1)
+    if model_name == "mobilenet_v2":
+        return keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None,
+                                              classes=10, classifier_activation=None), (32, 32, 3)
+    if model_name == "transformer":
+        return models.transformer_classifier(VOCABULARY, LENGTH, num_classes=10), (LENGTH,)
     raise ValueError(f"unknown model {model_name!r}")
+
+
+def inputs(model_name: str, shape: tuple, rng) -> np.ndarray:
+    """A synthetic batch for the model: token ids for the Transformer, normal noise otherwise."""
+    if model_name == "transformer":
+        return rng.integers(0, VOCABULARY, size=(BATCH, *shape))
+    return rng.normal(size=(BATCH, *shape)).astype("float32")
 
 
 def optimizer(name: str):
@@ -88,7 +109,7 @@ class Runner:
         self.model.compile(optimizer=optimizer(opt_name), jit_compile=jit,
                            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         rng = np.random.default_rng(0)
-        x = rng.normal(size=(BATCH, *shape)).astype("float32")
+        x = inputs(model_name, shape, rng)
         y = rng.integers(0, 10, size=BATCH)
         self.data = tf.data.Dataset.from_tensors((x, y)).repeat()
 
@@ -124,7 +145,7 @@ def machine() -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["mlp", "3c1f"], choices=["mlp", "3c1f"])
+    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
     parser.add_argument("--optimizers", nargs="+",
                         default=["sgd", "adam", "kfac-true", "tengrad-empirical-f1",
                                  "tengrad-empirical-f100", "tengrad-true-f1", "tengrad-true-f100"])

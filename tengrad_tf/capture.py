@@ -2,14 +2,19 @@
 
 Keras never hands an optimizer its model: `build()` sees variables and `fit`'s train step only calls
 `scale_loss` and `apply_gradients`. So the layers record themselves. While capture is installed
-(as long as some TENGraD/KFAC instance is alive: `acquire`/`release`), each call of a supported
-layer kind (Dense, Conv1D/2D) made under a recording GradientTape is routed through
-`_capturing_call`, which
+(as long as some TENGraD/KFAC instance is alive: `acquire`/`release`), each call of a layer kind
+with a helper (`tengrad_tf.layers`: Dense, EinsumDense, Embedding, convolutions, normalization)
+made under a recording GradientTape is routed through `_capturing_call`, which
 
-  * asks the layer's Fisher block for the pre-activation output z (the block knows its layer's math),
+  * asks the layer's helper to run the layer: it returns the output before the activation z,
+    computed exactly as the layer's own call (or the call's own output, for layers without an
+    activation), and the tensor the blocks need later (the input, the normalized input, token ids),
   * passes z through an identity whose custom gradient stores ∂(target)/∂z for the backward pass
     that is running,
   * applies the layer's activation as Keras would.
+
+Every other layer called under a recording tape is only noted (`Record.called_layers`), so that the
+summary can name the layer and class of each first-order variable (an LSTM, a custom layer).
 
 Keras losses record (y_true, y_pred, sample_weight) the same way, which is what the true Fisher needs
 to sample labels from the model's predictive distribution.
@@ -36,10 +41,11 @@ so that the optimizer it wraps can unscale the captured output gradients (which 
 
 What this module does not do: any Fisher math. It only hands tensors to the blocks.
 
-Private API: only through `_tf_private`. The patch replaces the public `call` methods of
-`keras.layers.Dense`, `keras.layers.Conv1D`/`Conv2D` (through their common base class, found from
-the public classes), `keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss`
-and `tf.GradientTape.gradient`, and keeps the originals, which `release` puts back when the last
+Private API: only through `_tf_private`. The patch replaces the public `call` methods of the layer
+classes the helpers handle (the class that defines each one's `call`, found from the public classes:
+`layers.captured_classes`), `keras.layers.Layer.__call__` (which only notes the layer),
+`keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss` and
+`tf.GradientTape.gradient`, and keeps the originals, which `release` puts back when the last
 optimizer is gone. Checked against Keras 3.15 and TensorFlow 2.21.
 """
 
@@ -55,7 +61,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
-from tengrad_tf import _tf_private
+from tengrad_tf import _tf_private, layers
 
 _EAGER = "eager"
 # The attribute of a tf.Graph that holds its records ({thread id: Record}). On the graph, not in a
@@ -162,10 +168,16 @@ class Record:
     skipped: list[tuple[keras.layers.Layer, str]] = dataclasses.field(default_factory=list)
     # Outermost model calls (a model called inside another is part of its call), in order.
     model_calls: list[ModelCall] = dataclasses.field(default_factory=list)
+    # Every layer called under a recording tape ({id: weak reference}), captured kinds or not: the
+    # summary names the layer of each first-order variable. Weak: the record lives as long as the
+    # traced graph, and a model (which holds its optimizer, which holds capture) must not.
+    called_layers: dict[int, weakref.ref] = dataclasses.field(default_factory=dict)
     # While the optimizer differentiates its own sampled loss, the taps must not record.
     frozen: bool = False
     # (LossScaleOptimizer, the scale its scale_loss multiplied the loss with) in this step.
-    loss_scales: list[tuple[Any, Any]] = dataclasses.field(default_factory=list)
+    # Weakly: the record lives as long as its graph, which must not keep the wrapper (and so the
+    # optimizer it wraps, and capture) alive.
+    loss_scales: list[tuple[weakref.ref, Any]] = dataclasses.field(default_factory=list)
     # The tracked passes that reached this record's taps, in order, and the untracked one.
     passes: list[BackwardPass] = dataclasses.field(default_factory=list)
     untracked: BackwardPass = dataclasses.field(
@@ -201,7 +213,8 @@ class Record:
     def loss_scale_of(self, optimizer):
         """The scale a LossScaleOptimizer wrapping `optimizer` applied to this step's loss (None
         if none did: then the captured output gradients carry no such scale)."""
-        scales = [s for lso, s in self.loss_scales if lso.inner_optimizer is optimizer]
+        scales = [s for lso, s in self.loss_scales
+                  if lso() is not None and lso().inner_optimizer is optimizer]
         return scales[-1] if scales else None
 
     def _note_pass(self, backward: BackwardPass) -> None:
@@ -263,6 +276,20 @@ class StepView:
     @property
     def skipped(self):
         return self.record.skipped
+
+    def owners(self, variables) -> dict[int, keras.layers.Layer]:
+        """{id(variable): the innermost layer called in this step that owns it}, for the variables
+        some called layer owns (an LSTM's, not its enclosing model's, for the LSTM's kernel)."""
+        wanted = {id(v) for v in variables}
+        found: dict[int, keras.layers.Layer] = {}
+        if not wanted:
+            return found
+        called = [layer for layer in (r() for r in self.record.called_layers.values()) if layer]
+        for layer in sorted(called, key=lambda layer: len(layer.trainable_weights)):
+            for w in layer.trainable_weights:
+                if id(w) in wanted:
+                    found.setdefault(id(w), layer)
+        return found
 
     def as_default(self):
         return self.record.as_default()
@@ -408,7 +435,10 @@ def step_record() -> Record:
 
 
 def _reset_eager_record() -> Record:
-    _state.eager = Record()
+    # The layers that ran so far are kept: the model (or a layer before the first captured one)
+    # was called before the next step's first captured call resets the record.
+    called = getattr(_state, "eager", Record()).called_layers
+    _state.eager = Record(called_layers=called)
     return _state.eager
 
 
@@ -457,36 +487,53 @@ def _second_order_marker(record: Record, call) -> Callable[[tf.Tensor], tf.Tenso
 
 
 def _capturing_call(original: Callable) -> Callable:
-    from tengrad_tf import blocks  # blocks import Keras layers; avoid a cycle
-
     @functools.wraps(original)
-    def call(self, inputs, *args, **kwargs):
-        block_class = blocks.block_class_for(self)
-        if block_class is None or not self.trainable:
-            return original(self, inputs, *args, **kwargs)
-        # Only a call under a recording GradientTape can be part of a training step: an
-        # inference trace (predict, evaluate) or an eager inference loop gets no capture op and
-        # holds nothing in memory.
-        if not _tf_private.tape_is_recording():
-            return original(self, inputs, *args, **kwargs)
+    def call(self, *args, **kwargs):
+        helper = layers.helper_class_for(self)
+        # Only the class's own call is captured: a subclass that overrides `call` and reaches
+        # this one through super() computes something else with the same variables (it is named
+        # first-order instead, layers.first_order_reason), and Conv1D's call, which calls its
+        # base's, is captured once.
+        if (helper is None or not self.trainable or type(self).call is not call
+                # Only a call under a recording GradientTape can be part of a training step: an
+                # inference trace (predict, evaluate) or an eager inference loop gets no capture
+                # op and holds nothing in memory.
+                or not _tf_private.tape_is_recording()):
+            return original(self, *args, **kwargs)
         record = current_record()
         if record.frozen:
-            return original(self, inputs, *args, **kwargs)
-        reason = block_class.unsupported_reason(self)
-        if reason:
-            record.skipped.append((self, reason))
-            return original(self, inputs, *args, **kwargs)
-        if tf.executing_eagerly() and _starts_new_eager_step(record, self):
+            return original(self, *args, **kwargs)
+        reason = helper.unsupported_reason(self)
+        if reason is None and tf.executing_eagerly() and _starts_new_eager_step(record, self):
             record = _reset_eager_record()
-        z = block_class.preactivation(self, inputs)
-        layer_call = LayerCall(layer=self, inputs=inputs, preactivation=z)
+        forward = reason or helper.forward(self, original, args, kwargs)
+        if isinstance(forward, str):  # this layer, or this call of it, has no exact block
+            record.skipped.append((self, forward))
+            return original(self, *args, **kwargs)
+        layer_call = LayerCall(layer=self, inputs=forward.recorded, preactivation=forward.output)
         with tf.name_scope("tengrad_capture"):  # marks capture's ops in profiles
-            z = _gradient_tap(record, layer_call, lambda p: p.output_grads)(z)
+            z = _gradient_tap(record, layer_call, lambda p: p.output_grads)(forward.output)
         layer_call.preactivation = z
         record.layer_calls.append(layer_call)
-        return self.activation(z) if self.activation is not None else z
+        return forward.activation(z) if forward.activation is not None else z
 
     return call
+
+
+def _recording_layer_call(original: Callable) -> Callable:
+    """Layer.__call__ that notes which layers ran under a recording tape, so that the summary can
+    name the layer (and its class) of every first-order variable, captured kinds or not. Python
+    only: no op is added to the graph."""
+
+    @functools.wraps(original)
+    def __call__(self, *args, **kwargs):
+        if _tf_private.tape_is_recording():
+            record = current_record()
+            if not record.frozen and len(record.called_layers) < _MAX_EAGER_CALLS:
+                record.called_layers.setdefault(id(self), weakref.ref(self))
+        return original(self, *args, **kwargs)
+
+    return __call__
 
 
 def _starts_new_eager_step(record: Record, layer) -> bool:
@@ -554,8 +601,8 @@ def _capturing_scale_loss(original: Callable) -> Callable:
         scale = tf.convert_to_tensor(scale, tf.float32)
         record = current_record()
         # Keep one entry per wrapper: an eager loop that scales without stepping must not grow it.
-        record.loss_scales = [(o, s) for o, s in record.loss_scales if o is not self]
-        record.loss_scales.append((self, scale))
+        record.loss_scales = [(o, s) for o, s in record.loss_scales if o() is not self]
+        record.loss_scales.append((weakref.ref(self), scale))
         return original(self, loss)
 
     return scale_loss
@@ -584,15 +631,15 @@ _users = 0
 
 
 def patched_classes() -> list[type]:
-    """Layer classes whose `call` capture replaces: Dense, Conv1D and the base of Conv2D/3D."""
-    conv_base = keras.layers.Conv2D.__mro__[1]  # BaseConv, shared by Conv1D/Conv2D/Conv3D
-    assert conv_base is keras.layers.Conv1D.__mro__[1], "Keras changed its convolution hierarchy"
-    return [keras.layers.Dense, conv_base, keras.layers.Conv1D]  # Conv1D overrides call
+    """Layer classes whose `call` capture replaces: for every kind with a layer helper, the class
+    that defines its `call` (layers.captured_classes)."""
+    return layers.captured_classes()
 
 
 def _patches() -> list[tuple[Any, str, Callable]]:
     """(owner, attribute, wrapper factory) of every method capture replaces."""
     return ([(cls, "call", _capturing_call) for cls in patched_classes()] + [
+        (keras.layers.Layer, "__call__", _recording_layer_call),
         (keras.losses.Loss, "__call__", _capturing_loss_call),
         (keras.optimizers.LossScaleOptimizer, "scale_loss", _capturing_scale_loss),
         (tf.GradientTape, "gradient", _tracking_gradient),
@@ -604,9 +651,9 @@ def _patches() -> list[tuple[Any, str, Callable]]:
 def acquire(owner) -> None:
     """Install capture for as long as `owner` (a TENGraD/KFAC instance) lives.
 
-    The patch is process-wide while installed (every Dense/Conv call under a recording tape gets a
-    tap), so it is removed as soon as the last owner is garbage-collected: a model traced after
-    that, with any optimizer, carries no capture op. Thread-safe."""
+    The patch is process-wide while installed (every call of a covered layer under a recording tape
+    gets a tap), so it is removed as soon as the last owner is garbage-collected: a model traced
+    after that, with any optimizer, carries no capture op. Thread-safe."""
     global _users
     with _lock:
         if _users == 0:

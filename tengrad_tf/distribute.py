@@ -140,3 +140,24 @@ def cond_across_replicas(context, pred: tf.Tensor, per_replica_fn: Callable[...,
         tf.cond(first(pred), taken, false_fn)
 
     context.merge_call(merge_fn, args=(pred, tuple(per_replica_args), tuple(once_args)))
+
+
+def sum_across_replicas_if(context, pred: tf.Tensor, per_replica_fn: Callable[..., tf.Tensor],
+                           per_replica_args: tuple, zero: tf.Tensor) -> tf.Tensor:
+    """Σ over replicas of `per_replica_fn(*per_replica_args)` if `pred` (equal on all replicas),
+    else `zero`; each replica's function gets its own arguments.
+
+    For work that may synchronize inside (a model call whose BatchNormalization updates mirrored
+    moving statistics, a merge_call): a merge_call may not sit in a tf.cond branch in replica
+    context, so the cond runs in cross-replica context, and the function per replica inside it, as
+    `cond_across_replicas` does it."""
+
+    def merge_fn(strategy, pred, per_replica_args):
+        def taken():
+            values = strategy.extended.call_for_each_replica(per_replica_fn,
+                                                             args=per_replica_args)
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+
+        return tf.cond(strategy.experimental_local_results(pred)[0], taken, lambda: zero)
+
+    return context.merge_call(merge_fn, args=(pred, tuple(per_replica_args)))

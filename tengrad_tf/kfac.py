@@ -3,7 +3,16 @@
 Everything but the curvature is shared with TENGraD (preconditioned.py: binding through capture, KL
 clipping, momentum, weight decay, the skip of non-finite steps). What the layer looks like (the patch
 rows Â, the output-gradient rows G, the gradient as one D_in × D_out matrix, bias last) is asked of
-the layer's TENGraD block (blocks/), so Dense, Conv1D and Conv2D are covered exactly as there.
+the layer's helper (tengrad_tf/layers), as TENGraD's blocks ask it.
+
+Layers covered: those whose per-sample gradient is an input row times an output-gradient row.
+Dense, Conv1D/2D/3D and EinsumDense (a Dense over positions) as below; grouped and depthwise
+convolutions per group of channels (one (A, G) pair per group, stacked: a depthwise layer has one
+per input channel, with its k·k window and the bias as A's rows and its depth_multiplier outputs as
+G's); Embedding with A the diagonal of the token frequencies, A = diag(count of each token over
+the m·P positions)/(m·P), kept as a vector (V may be 50k). Normalization layers and transposed and
+separable convolutions have no standard Kronecker factorization: K-FAC says so for each in its
+summary, and they take a first-order step.
 
 Factors (Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016). For one step of a layer
 with m samples, P patch rows per sample (P = 1 for a Dense layer on (batch, features); output positions
@@ -58,34 +67,47 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tengrad_tf.blocks import block_class_for
-from tengrad_tf.blocks.base import assign_on_every_replica
-from tengrad_tf.blocks.base import once_per_step
+from tengrad_tf import layers
+from tengrad_tf.blocks.base import assign_on_every_replica, once_per_step
+from tengrad_tf.layers import Structure
 from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
 
 __all__ = ["BindingError", "KFAC", "KroneckerBlock"]
 
 
 class KroneckerBlock:
-    """K-FAC curvature block of one Dense/Conv layer (kernel and bias together).
+    """K-FAC curvature block of one layer (kernel and bias together).
 
     Implements the block interface of preconditioned.py. The layer knowledge (patch rows, output
-    rows, gradient layout) is that of the layer's TENGraD block, held as `layer_helper`.
+    rows, gradient layout) is the layer's helper (`tengrad_tf.layers`), as for TENGraD's blocks.
     """
+
+    @staticmethod
+    def unsupported_reason(helper) -> str | None:
+        """Why K-FAC has no block for a layer TENGraD covers (None if it has one)."""
+        if helper.structure is Structure.EXPLICIT:
+            return ("K-FAC has no standard Kronecker factorization for this kind of layer (its "
+                    "per-sample gradient is not an input row times an output-gradient row); "
+                    "TENGraD has an exact block for it")
+        return None
 
     def __init__(self, layer: keras.layers.Layer, damping: float = 0.1, stat_decay: float = 0.95,
                  cov_update_freq: int = 20, inv_update_freq: int = 100):
-        helper_class = block_class_for(layer)
-        if helper_class is None:
+        helper = layers.helper_for(layer)
+        reason = "no layer helper" if helper is None else self.unsupported_reason(helper)
+        if reason:
             raise BindingError(f"K-FAC has no block for layer '{layer.name}' "
-                               f"({type(layer).__name__}).")
-        self.layer_helper = helper_class(layer)
+                               f"({type(layer).__name__}): {reason}.")
+        self.helper = helper
         self.layer = layer
+        # Lookup tables: A is diagonal (the token frequencies), kept as a vector.
+        self.diagonal = helper.structure is Structure.TOKENS
+        self.groups = 1 if self.diagonal else helper.groups
         self.damping = float(damping)
         self.stat_decay = float(stat_decay)
         self.cov_update_freq = int(cov_update_freq)
         self.inv_update_freq = int(inv_update_freq)
-        self.variables = self.layer_helper.variables
+        self.variables = helper.variables
         self._state: dict[str, tf.Variable] | None = None
         self._updates: tf.Variable | None = None
         self._schedule_memo: dict = {}
@@ -93,38 +115,44 @@ class KroneckerBlock:
         # saved optimizer and track it for checkpoints).
         self.state_listener = None
 
-    # ---- layer facts, from the TENGraD block ------------------------------------------------------
+    # ---- layer facts, from the layer helper -----------------------------------------------------
     @property
     def dtype(self) -> tf.DType:
-        return self.layer_helper.dtype
+        return self.helper.dtype
 
     @property
     def d_in(self) -> int:
-        return self.layer_helper.d_in
+        return self.helper.vocabulary if self.diagonal else self.helper.d_in
 
     @property
     def d_out(self) -> int:
-        return self.layer_helper.d_out
+        return self.helper.d_out
+
+    def _factor_shape(self, n: int) -> list[int]:
+        return [n, n] if self.groups == 1 else [self.groups, n, n]
 
     def describe(self, inputs_shape) -> str:
-        h = self.layer_helper
+        h = self.helper
         p = h.positions(inputs_shape)  # None: a Dense layer on sequences of dynamic length
+        a = f"diagonal {self.d_in}" if self.diagonal else f"{self.d_in}×{self.d_in}"
+        groups = f" per group ({self.groups})" if self.groups > 1 else ""
         return (
-            f"K-FAC {h.kind} block of layer '{self.layer.name}' "
-            f"(kernel{'+bias' if h.has_bias else ''}, A: {self.d_in}×{self.d_in}, "
-            f"G: {self.d_out}×{self.d_out}, P={'dynamic' if p is None else p}; factors every "
-            f"{self.cov_update_freq} steps, inverses every {self.inv_update_freq})"
+            f"K-FAC {h.kind} block of layer '{self.layer.name}' ({h.describe_parameters()}; "
+            f"A: {a}, G: {self.d_out}×{self.d_out}{groups}, P={'dynamic' if p is None else p}; factors "
+            f"every {self.cov_update_freq} steps, inverses every {self.inv_update_freq})"
         )
 
     # ---- state -------------------------------------------------------------------------------
     def _build_state(self) -> None:
-        def var(name, n):
-            return tf.Variable(tf.zeros([n, n], self.dtype), trainable=False,
+        def var(name, shape):
+            return tf.Variable(tf.zeros(shape, self.dtype), trainable=False,
                                name=f"{self.layer.name}_kfac_{name}")
 
+        a_shape = [self.d_in] if self.diagonal else self._factor_shape(self.d_in)
+        g_shape = self._factor_shape(self.d_out)
         with tf.init_scope():
-            self._state = {"A": var("A", self.d_in), "G": var("G", self.d_out),
-                           "A_inv": var("A_inv", self.d_in), "G_inv": var("G_inv", self.d_out)}
+            self._state = {"A": var("A", a_shape), "G": var("G", g_shape),
+                           "A_inv": var("A_inv", a_shape), "G_inv": var("G_inv", g_shape)}
             # Committed factor updates so far (0: the factors and inverses hold nothing yet).
             self._updates = tf.Variable(tf.constant(0, tf.int64), trainable=False,
                                         name=f"{self.layer.name}_kfac_updates")
@@ -180,39 +208,57 @@ class KroneckerBlock:
     def factors(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                 ) -> tuple[tf.Tensor, tf.Tensor]:
         """This step's (A, G), see the module docstring; one entry per call of the layer."""
-        h = self.layer_helper
-        a = tf.concat([h.patches(x) for x in inputs], axis=1)  # (m, P, D_in)
-        g = tf.concat([h.output_rows(dz) for dz in output_grads], axis=1)  # (m, P, D_out)
+        h = self.helper
+        g = tf.concat([h.output_rows(dz) for dz in output_grads], axis=1)  # (m, P, [groups,] D_out)
         m = tf.cast(tf.shape(g)[0], self.dtype)
         p = tf.cast(tf.shape(g)[1], self.dtype)
-        a = tf.reshape(a, [-1, self.d_in])
-        g = tf.reshape(g, [-1, self.d_out])
-        big_a = tf.matmul(a, a, transpose_a=True) / (m * p)
-        big_g = tf.matmul(g, g, transpose_a=True) / m
+        g = tf.reshape(g, [-1, *g.shape[2:]])
+        if self.diagonal:  # one-hot rows: A is the frequency of each token among the positions
+            ids = tf.reshape(tf.concat([h.tokens(x) for x in inputs], axis=1), [-1])
+            big_a = tf.math.unsorted_segment_sum(tf.ones_like(ids, self.dtype), ids,
+                                                 self.d_in) / (m * p)
+        else:
+            a = tf.concat([h.input_rows(x) for x in inputs], axis=1)  # (m, P, [groups,] D_in)
+            a = tf.reshape(a, [-1, *a.shape[2:]])
+            big_a = tf.einsum(self._outer, a, a) / (m * p)
+        big_g = tf.einsum(self._outer, g, g) / m
         return big_a, big_g
 
+    @property
+    def _outer(self) -> str:
+        """Σ over rows of the outer product of each row with itself, per group."""
+        return "ni,nj->ij" if self.groups == 1 else "ngi,ngj->gij"
+
     def damped_inverses(self, a: tf.Tensor, g: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹), NaN if a factor is not finite (the step is then skipped)."""
+        """((A + π√λ I)⁻¹, (G + √λ/π I)⁻¹), NaN if a factor is not finite (the step is then skipped).
+
+        Per group for grouped layers; a diagonal A is inverted elementwise."""
         dtype = self.dtype
-        tr_a = tf.linalg.trace(a) / self.d_in
+        tr_a = (tf.reduce_sum(a, -1) if self.diagonal else tf.linalg.trace(a)) / self.d_in
         tr_g = tf.linalg.trace(g) / self.d_out
         ok = tf.logical_and(tr_a > 0, tr_g > 0)
-        one = tf.ones([], dtype)
+        one = tf.ones_like(tr_a)
         pi = tf.where(ok, tf.sqrt(tf.where(ok, tr_a, one) / tf.where(ok, tr_g, one)), one)
         root = tf.constant(self.damping ** 0.5, dtype)
 
         def inverse(f, damping):
-            f = 0.5 * (f + tf.transpose(f))
+            # eigh reads the lower triangle only: a factor that rounding left slightly asymmetric
+            # is taken as the symmetric matrix of its lower triangle. (Symmetrizing a batch of
+            # factors as (F + Fᵀ)/2 instead made grappler's arithmetic optimizer miswire the step's
+            # graph under TF 2.21, for depthwise layers in a fit on a tf.data iterator.)
             e, q = tf.linalg.eigh(f)
-            e = tf.maximum(e, 0) + damping
-            return tf.matmul(q / e[None, :], q, transpose_b=True)
+            e = tf.maximum(e, 0) + damping[..., None]
+            return tf.matmul(q / e[..., None, :], q, transpose_b=True)
+
+        def inverses():
+            a_inv = 1.0 / (a + pi * root) if self.diagonal else inverse(a, pi * root)
+            return a_inv, inverse(g, root / pi)
 
         finite = tf.logical_and(tf.reduce_all(tf.math.is_finite(a)),
                                 tf.reduce_all(tf.math.is_finite(g)))
         # The eigensolver raises on NaN input; a non-finite factor makes the whole step a skip.
         return tf.cond(
-            finite,
-            lambda: (inverse(a, pi * root), inverse(g, root / pi)),
+            finite, inverses,
             lambda: (tf.fill(tf.shape(a), tf.constant(float("nan"), dtype)),
                      tf.fill(tf.shape(g), tf.constant(float("nan"), dtype))),
         )
@@ -257,17 +303,21 @@ class KroneckerBlock:
         tf.cond(update_cov, store(("A", "G"), True), lambda: tf.constant(False))
 
     def precondition(self, grads: list[tf.Tensor], state: dict[str, tf.Tensor]) -> list[tf.Tensor]:
-        """(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹ for this block's kernel and bias gradients."""
-        v = self.layer_helper.to_matrix(grads)
-        d = tf.matmul(tf.matmul(state["A_inv"], v), state["G_inv"])
-        return self.layer_helper.from_matrix(d)
+        """(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹ for this block's kernel and bias gradients (per group)."""
+        v = self.helper.to_matrix(grads)
+        if self.diagonal:
+            left = state["A_inv"][:, None] * v
+        else:
+            left = tf.matmul(state["A_inv"], v)
+        return self.helper.from_matrix(tf.matmul(left, state["G_inv"]))
 
 
 @keras.saving.register_keras_serializable(package="tengrad_tf")
 class KFAC(PreconditionedOptimizer):
     """K-FAC (KFC for convolutions): Kronecker-factored natural gradient, the TENGraD baseline.
 
-    Each Dense and Conv1D/Conv2D layer's kernel and bias form one block whose Fisher is approximated
+    Each Dense, EinsumDense, Embedding and convolution layer (grouped and depthwise: per group; not
+    transposed or separable ones) forms one block of its kernel and bias whose Fisher is approximated
     by A ⊗ G (running averages of the input and output-gradient second moments) and inverted with
     π-corrected factored Tikhonov damping; see the module docstring for the exact conventions. The
     step rule (KL clipping, momentum, weight decay) and the binding are TENGraD's.
@@ -344,6 +394,9 @@ class KFAC(PreconditionedOptimizer):
         self.stat_decay = float(stat_decay)
         self.cov_update_freq = int(cov_update_freq)
         self.inv_update_freq = int(inv_update_freq)
+
+    def _unsupported_reason(self, helper):
+        return KroneckerBlock.unsupported_reason(helper)
 
     def _make_block(self, layer):
         return KroneckerBlock(layer, damping=self.damping, stat_decay=self.stat_decay,

@@ -10,12 +10,17 @@ What it is for:
 
 * Channels-last models built only from public Keras layers (``Conv2D``, ``Dense``,
   ``DepthwiseConv2D``, ``BatchNormalization``, pooling, ``ReLU``, ``Add``, ``Concatenate``), so
-  that TENGraD finds and preconditions every ``Conv2D``/``Dense`` layer; ``BatchNormalization``
-  and ``DepthwiseConv2D`` weights are left to its first-order fallback.
+  that TENGraD finds every weight layer and preconditions it with an exact block.
 * Every model returns logits (no softmax): train with
   ``SparseCategoricalCrossentropy(from_logits=True)``.
 * Width knobs (``width``/``hidden`` for 3C1F, ``width_multiplier``, ``depth``, ``growth_rate``)
   give tiny versions of the same topology for CPU tests.
+
+It also builds three small models of other kinds, for the layer-coverage goal of TENGraD's exact
+blocks (tests/test_coverage.py) and the step-time benchmark: a Transformer encoder text classifier
+(``transformer_classifier``), an Embedding + Conv1D text CNN (``text_cnn``) and a Conv2D /
+Conv2DTranspose autoencoder with BatchNormalization (``conv_autoencoder``). They are not in
+``MODELS``, whose entries are image classifiers with the same signature.
 
 What it is not for: no data pipeline or augmentation (see ``data.py``), no weight decay or
 dropout inside the models (weight decay belongs to the optimizer), no pretrained weights, and no
@@ -38,11 +43,15 @@ from keras import layers
 
 __all__ = [
     "MODELS",
+    "PositionalEmbedding",
     "build_model",
+    "conv_autoencoder",
     "densenet",
     "mobilenet_v2",
     "mobilenet_v2_dense",
+    "text_cnn",
     "three_c_one_f",
+    "transformer_classifier",
     "vgg16_bn",
     "wide_resnet",
     "wrn_28_4",
@@ -394,6 +403,87 @@ def mobilenet_v2_dense(input_shape=CIFAR_SHAPE, num_classes=10, width_multiplier
     ``mobilenet_v2``.
     """
     return _mobilenet_v2(input_shape, num_classes, width_multiplier, dense=True, name=name)
+
+
+# --------------------------------------------------------------------------------------------
+# other kinds of model: text and an autoencoder
+# --------------------------------------------------------------------------------------------
+
+@keras.saving.register_keras_serializable(package="tengrad_tf")
+class PositionalEmbedding(layers.Layer):
+    """Token embedding plus a learned position embedding.
+
+    The positions are broadcast to the batch before the lookup, so that the position table's
+    output gradient holds one row per sample (an exact block, like the token table's). Looked up
+    on ``ops.arange(length)`` alone, as Keras's text examples do, the table would see only the
+    batch's summed gradient and take first-order steps.
+    """
+
+    def __init__(self, vocabulary, length, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.vocabulary, self.length, self.dim = vocabulary, length, dim
+        self.tokens = layers.Embedding(vocabulary, dim, name="tokens")
+        self.positions = layers.Embedding(length, dim, name="positions")
+
+    def call(self, x):
+        positions = keras.ops.broadcast_to(keras.ops.arange(keras.ops.shape(x)[-1]),
+                                           keras.ops.shape(x))
+        return self.tokens(x) + self.positions(positions)
+
+    def get_config(self):
+        return {**super().get_config(), "vocabulary": self.vocabulary, "length": self.length,
+                "dim": self.dim}
+
+
+def transformer_classifier(vocabulary=20000, length=64, dim=64, heads=4, ffn=128, num_classes=2,
+                           name="transformer"):
+    """A one-block Transformer encoder text classifier (Keras's text-classification example).
+
+    ``PositionalEmbedding`` → ``MultiHeadAttention(heads, dim // heads)`` with a residual and
+    ``LayerNormalization`` → ``Dense(ffn, relu)`` → ``Dense(dim)`` with a residual and
+    ``LayerNormalization`` → ``GlobalAveragePooling1D`` → ``Dense(num_classes)`` logits. Inputs
+    are int token ids of shape ``(length,)``. Defaults: 1,317,698 parameters, 1,280,000 of them in
+    the token table.
+    """
+    inputs = keras.Input((length,), dtype="int32", name="tokens")
+    x = PositionalEmbedding(vocabulary, length, dim, name="embedding")(inputs)
+    attention = layers.MultiHeadAttention(heads, dim // heads, name="attention")(x, x)
+    x = layers.LayerNormalization(epsilon=1e-6, name="attention_norm")(x + attention)
+    h = layers.Dense(ffn, activation="relu", name="ffn_in")(x)
+    h = layers.Dense(dim, name="ffn_out")(h)
+    x = layers.LayerNormalization(epsilon=1e-6, name="ffn_norm")(x + h)
+    x = layers.GlobalAveragePooling1D(name="pool")(x)
+    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name=name)
+
+
+def text_cnn(vocabulary=20000, length=64, dim=64, filters=128, kernel_size=5, num_classes=2,
+             name="text_cnn"):
+    """Embedding → ``Conv1D(filters, kernel_size, relu)`` → ``GlobalMaxPooling1D`` →
+    ``Dense(num_classes)`` logits, on int token ids of shape ``(length,)``. Defaults: 1,321,346
+    parameters, 1,280,000 of them in the table."""
+    inputs = keras.Input((length,), dtype="int32", name="tokens")
+    x = layers.Embedding(vocabulary, dim, name="embedding")(inputs)
+    x = layers.Conv1D(filters, kernel_size, activation="relu", name="conv")(x)
+    x = layers.GlobalMaxPooling1D(name="pool")(x)
+    return keras.Model(inputs, layers.Dense(num_classes, name="logits")(x), name=name)
+
+
+def conv_autoencoder(input_shape=CIFAR_SHAPE, width=16, name="conv_autoencoder"):
+    """A convolutional autoencoder: two ``Conv2D(3x3, stride 2)``-BN-ReLU downsampling stages
+    (``width``, ``2 * width`` channels), two ``Conv2DTranspose(3x3, stride 2)`` upsampling stages
+    (the first with BN-ReLU), output with the input's channels and no activation (train with
+    MSE against the input). Defaults (32x32x3): 10,275 trainable parameters (10,403 with the
+    BatchNorm moving statistics)."""
+    input_shape = tuple(input_shape)
+    inputs = keras.Input(input_shape, name="image")
+    x = inputs
+    for i, filters in enumerate((width, 2 * width)):
+        x = layers.Conv2D(filters, 3, strides=2, padding="same", name=f"down{i}")(x)
+        x = _bn_relu(x, f"down{i}")
+    x = layers.Conv2DTranspose(width, 3, strides=2, padding="same", name="up0")(x)
+    x = _bn_relu(x, "up0")
+    outputs = layers.Conv2DTranspose(input_shape[-1], 3, strides=2, padding="same", name="up1")(x)
+    return keras.Model(inputs, outputs, name=name)
 
 
 # --------------------------------------------------------------------------------------------

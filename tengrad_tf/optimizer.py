@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tengrad_tf.blocks import block_class_for
+from tengrad_tf.blocks import FisherBlock
 from tengrad_tf.blocks.network import NetworkSolve
 
 # fisher_blocks: one Fisher block per layer (block-diagonal), or all layers' in one (network.py).
@@ -25,9 +25,12 @@ __all__ = ["BindingError", "TENGraD"]
 class TENGraD(PreconditionedOptimizer):
     """Time-efficient natural gradient descent with exact Fisher-block inverses.
 
-    Each Dense and Conv1D/Conv2D layer's kernel and bias form one block whose damped Fisher
-    F + λI, with F = (1/m) Σᵢ uᵢuᵢᵀ over the m per-sample gradients of the batch, is inverted exactly
-    through the Woodbury identity with an m × m Gram matrix. Layer inputs and output gradients are
+    Each layer with an exact block (Dense, EinsumDense, Embedding, convolutions of every kind,
+    Layer/Group/BatchNormalization; README, "Layers") forms one block (kernel and bias together; γ
+    and β together), whose damped Fisher F + λI, with F = (1/m) Σᵢ uᵢuᵢᵀ over the m per-sample
+    gradients of the batch, is inverted exactly through the Woodbury identity with an m × m Gram
+    matrix. Recurrent layers and layers of other kinds take first-order steps (`summary()` says
+    which and why). Layer inputs and output gradients are
     captured from the forward and backward passes that training already runs.
 
     Usage: `model.compile(optimizer=TENGraD(), loss=..., ...)` then `model.fit(...)`; nothing else.
@@ -141,7 +144,7 @@ class TENGraD(PreconditionedOptimizer):
         self.max_batch_size = max_batch_size
 
     def _make_block(self, layer):
-        return block_class_for(layer)(
+        return FisherBlock(
             layer, memory_budget=self.memory_budget,
             damping=self.damping_variable if self.adaptive_damping else self.damping,
             update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,

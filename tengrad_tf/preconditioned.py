@@ -29,10 +29,12 @@ What this module does not do: capture (capture.py), curvature math (blocks/, kfa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
 import random
+import threading
 from typing import Any
 
 import keras
@@ -40,10 +42,11 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf import _tf_private, adaptive, capture, distribute, fisher, replay
+from tengrad_tf import _tf_private, adaptive, capture, distribute, fisher, layers, replay
 from tengrad_tf.capture import BindingError
 
 logger = logging.getLogger("tengrad_tf")
+_WARNING_LOCK = threading.Lock()
 
 # How variables without a block step (`first_order`): Keras's Adam, or the heavy-ball step of the
 # preconditioned ones with d = g ("sgd") or d = g/λ ("damped": F = 0, the block's null space).
@@ -54,14 +57,11 @@ ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7
 # Bounds of the adapted damping: far outside any useful value, they only stop a runaway.
 MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
 
-FIRST_ORDER_OTHER = (
-    "first-order: no preconditioned layer owns it (BatchNormalization, LayerNormalization, "
-    "Embedding, DepthwiseConv2D, custom layers, ...), or its layer did not run in the step"
-)
+FIRST_ORDER_OTHER = "first-order: no layer that ran under the step's GradientTape owns it"
 
 
 class PreconditionedOptimizer(keras.optimizers.Optimizer):
-    """Base class: a Keras optimizer whose Dense/Conv blocks are preconditioned by curvature blocks.
+    """Base class: a Keras optimizer whose layers are preconditioned by curvature blocks.
 
     Subclasses provide `_make_block(layer)` and their own hyperparameters. Arguments shared by all:
     learning_rate, momentum, weight_decay, fisher, kl_clip, max_consecutive_skips, seed, and every
@@ -108,7 +108,7 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         self.seed = seed
         self._blocks: dict[int, Any] = {}
         self._treatments: dict[str, str] = {}
-        self._warned_first_order: list[str] = []
+        self._warned_first_order: frozenset[str] = frozenset()
         # Why the damping cannot adapt in the traced step (None: it can, or it is fixed).
         self._no_adaptation: str | None = None
         self.adaptive_damping = False  # TENGraD's option; K-FAC has no exact quadratic model
@@ -125,6 +125,11 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
         """The curvature block of a supported layer: the one method every subclass overrides
         (TENGraD's exact blocks, K-FAC's Kronecker blocks)."""
         raise TypeError(f"{type(self).__name__} does not define its curvature blocks (_make_block)")
+
+    def _unsupported_reason(self, helper) -> str | None:
+        """Why this optimizer has no block for a captured layer (None: it has one). TENGraD has
+        one for every captured kind; K-FAC says which it does not factor."""
+        return None
 
     # ---- state -------------------------------------------------------------------------------
     def build(self, var_list):
@@ -157,8 +162,12 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                                                 name="direction_norm")
         if self.adaptive_damping:
             self.damping_variable = self.add_variable(
-                (), initializer=keras.initializers.Constant(self.damping), dtype="float64",
-                name="damping", aggregation="only_first_replica")
+                (), initializer="zeros", dtype="float64", name="damping",
+                aggregation="only_first_replica")
+            # Assigned, not through an initializer, which would round λ through float32; in
+            # init_scope, as the variable is made: build may run inside the first traced step.
+            with tf.init_scope():
+                self.damping_variable.assign(tf.constant(self.damping, tf.float64))
             # The weights before a step that adapts λ, to take the step back if the loss rose.
             self._before_step = self.add_optimizer_variables(var_list, "before_step")
             self.rejected_steps = self.add_variable((), initializer="zeros", dtype="int64",
@@ -437,18 +446,26 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
 
         The view holds only the calls that this optimizer's backward pass reached (not, say, a
         forward pass for a metric, or another optimizer's loss); of those, the layers whose
-        variables are all this optimizer's get a block."""
+        variables are all this optimizer's get a block. Every other variable is first-order, and
+        its treatment names its layer, the layer's class and why."""
         calls_by_layer: dict[int, list[capture.LayerCall]] = {}
         for call in record.layer_calls:
             calls_by_layer.setdefault(id(call.layer), []).append(call)
         owned = {id(v) for v in variables}
+        batch = _batch_dimension(record)
         pairs = []
         treatments = {}
+        first_order: dict[int, tuple[Any, str]] = {}  # id(variable): (layer, reason)
         for calls in calls_by_layer.values():
             layer = calls[0].layer
-            if not all(id(v) in owned for v in [layer.kernel] + ([layer.bias] if layer.bias is not None else [])):
+            helper = layers.helper_for(layer)
+            if not all(id(v) in owned for v in helper.variables):
                 continue  # a layer of another model, or frozen weights in a trainable layer
             record.check_exact(calls)
+            reason = self._unsupported_reason(helper) or _unbatched_reason(calls, batch)
+            if reason:
+                first_order.update({id(v): (layer, reason) for v in helper.variables})
+                continue
             block = self._blocks.get(id(layer))
             if block is None:
                 block = self._blocks[id(layer)] = self._make_block(layer)
@@ -461,12 +478,20 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 text += f"; called {len(calls)} times per step, contributions summed exactly"
             for v in block.variables:
                 treatments[v.path] = text
-        skipped = {id(v): reason for layer, reason in record.skipped for v in layer.trainable_weights}
+        for layer, reason in record.skipped:
+            for v in layer.trainable_weights:
+                first_order.setdefault(id(v), (layer, reason))
+        unexplained = [v for v, g in zip(variables, grads)
+                       if g is not None and v.path not in treatments and id(v) not in first_order]
+        for v, layer in record.owners(unexplained).items():
+            first_order[v] = (layer, layers.first_order_reason(layer))
+        first_order_layers = {}  # path: (layer, reason)
         for v, g in zip(variables, grads):
             if v.path in treatments:
                 continue
-            if id(v) in skipped:
-                treatments[v.path] = f"first-order: {skipped[id(v)]}"
+            if id(v) in first_order:
+                layer, reason = first_order_layers[v.path] = first_order[id(v)]
+                treatments[v.path] = f"first-order: {type(layer).__name__} '{layer.name}': {reason}"
             elif g is None:
                 treatments[v.path] = "not updated: no gradient"
             else:
@@ -477,20 +502,28 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
                 f"{type(self).__name__} found no layer to precondition among the variables it was given "
                 f"({len(variables)} variables, {len(record.layer_calls)} captured layer calls in "
                 "the backward pass of its gradients). "
-                "Dense and Conv1D/Conv2D layers are preconditioned; the forward pass, the loss "
+                "Dense, EinsumDense, Embedding, convolution and normalization layers are "
+                "preconditioned (README, 'Layers'); the forward pass, the loss "
                 "gradient and apply_gradients must run in the same tf.function (model.fit does "
                 "this) or all eagerly, and the optimizer must exist before the model is "
                 "first called for training. For models without such layers, use a first-order "
                 "optimizer."
             )
         first_order = [p for p, t in self._treatments.items() if t.startswith("first-order")]
-        # Once per optimizer for a given set: fit may trace its step more than once.
-        if first_order and first_order != self._warned_first_order:
-            self._warned_first_order = first_order
+        # Once per optimizer for a given set: fit may trace its step more than once, and replicas
+        # of a MirroredStrategy trace it concurrently, one thread each.
+        with _WARNING_LOCK:
+            if not first_order or frozenset(first_order) == self._warned_first_order:
+                return pairs
+            self._warned_first_order = frozenset(first_order)
+            # Named by layer ("LSTM 'lstm'"), or by path where no layer that ran owns it.
+            owners = dict.fromkeys(
+                f"{type(first_order_layers[p][0]).__name__} '{first_order_layers[p][0].name}'"
+                if p in first_order_layers else p for p in first_order)
             logger.warning("%s: %d of %d variables have no curvature block and take a first-order "
                            "step (first_order=%r): %s. optimizer.summary() lists why.",
                            type(self).__name__, len(first_order), len(self._treatments),
-                           self.first_order, ", ".join(first_order))
+                           self.first_order, ", ".join(owners))
         return pairs
 
     def _output_gradients(self, record, pairs, losses, loss_scale, fresh
@@ -813,10 +846,16 @@ class _Adaptation:
         go = tf.logical_and(self.adapt, taken)
         zero = tf.constant(0.0, tf.float64)
         with tf.name_scope("tengrad_damping_adaptation"):
-            h1 = tf.cond(go, self.replayer.evaluate, lambda: zero)
             h0 = self.h0
-            if context is not None:  # the losses are the replicas' shares of the global mean
-                h0, h1 = distribute.all_reduce_sum(context, [h0, h1])
+            if context is None:
+                h1 = tf.cond(go, self.replayer.evaluate, lambda: zero)
+            else:  # the losses are the replicas' shares of the global mean
+                (h0,) = distribute.all_reduce_sum(context, [h0])
+                # Every replica replays its own inputs (the replayer of the replica that runs the
+                # merge would otherwise be used for all).
+                h1 = distribute.sum_across_replicas_if(
+                    context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
+                    tuple(self.replayer.inputs()), zero)
             rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
                                        -tf.ones_like(self.predicted), self.predicted)
             lam = opt.damping_variable
@@ -924,6 +963,50 @@ def _weighted_rows(g, root_w, divide: bool):
         return g
     root_w = tf.reshape(tf.cast(root_w, g.dtype), [-1] + [1] * (g.shape.rank - 1))
     return tf.math.divide_no_nan(g, root_w) if divide else g * root_w
+
+
+def _batch_dimension(record: capture.StepView):
+    """The step's batch size as the captured calls see it: the leading dimension most of them have
+    (an int, or None when dynamic), or Ellipsis when that is unclear.
+
+    A dynamic dimension wins a tie, since a tensor computed from the batch carries it and a
+    constant never does; between two static sizes the predictions' leading dimension decides."""
+    dims = collections.Counter(c.preactivation.shape[0] if c.preactivation.shape.rank else
+                               Ellipsis for c in record.layer_calls)
+    dims.pop(Ellipsis, None)
+    if not dims:
+        return Ellipsis
+    top = max(dims.values())
+    candidates = [d for d, n in dims.items() if n == top]
+    if None in candidates or len(candidates) == 1:
+        return None if None in candidates else candidates[0]
+    for call in record.loss_calls:
+        y_pred = tf.nest.flatten(call.y_pred)
+        if call.loss_grad is None or not y_pred or not tf.is_tensor(y_pred[0]):
+            continue
+        first = y_pred[0].shape[0] if y_pred[0].shape.rank else None
+        return first if first in candidates else Ellipsis
+    return Ellipsis
+
+
+def _unbatched_reason(calls, batch) -> str | None:
+    """Why a layer's calls have no sample axis, or None.
+
+    A layer called on a tensor without the batch axis (an Embedding of `ops.arange(T)` positions,
+    broadcast into the batch afterwards) has only the batch's summed gradient at its output, not
+    the per-sample ones. Its leading dimension is then static where the batch's is dynamic, or
+    another number than the other layers' (`_batch_dimension`)."""
+    if batch is Ellipsis:
+        return None
+    for call in calls:
+        shape = call.preactivation.shape
+        first = shape[0] if shape.rank else None
+        if first is not None and first != batch:
+            return (f"called on a tensor without the batch axis (leading dimension {first}, the "
+                    f"batch's is {'dynamic' if batch is None else batch}), so its output gradient "
+                    "holds no per-sample gradients; feed it batched inputs (e.g. positions "
+                    "broadcast to (batch, T)) for an exact block")
+    return None
 
 
 def _check_same_batch(layer, calls):

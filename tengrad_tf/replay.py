@@ -77,21 +77,41 @@ class LossReplay:
         return tf.add_n([w * tf.cast(tf.reduce_sum(loss.value), tf.float64)
                          for loss, w in zip(self.losses, self.weights)]) + self.penalties()
 
-    def evaluate(self) -> tf.Tensor:
-        """h at the variables' current values, on the step's inputs, leaving no state changed."""
+    def inputs(self) -> list[tf.Tensor]:
+        """The tensors the replay reads that come from outside it: the models' inputs (not the
+        outputs of an earlier call), the labels, sample weights and loss weights. Under
+        tf.distribute each replica has its own; `evaluate(inputs)` takes a replica's."""
+        outputs = {id(t) for c in self.model_calls for t in tf.nest.flatten(c.outputs)}
+        leaves = tf.nest.flatten([(c.args, c.kwargs) for c in self.model_calls])
+        leaves += tf.nest.flatten([(loss.y_true, loss.sample_weight) for loss in self.losses])
+        seen, out = set(), []
+        for t in leaves + self.weights:
+            if tf.is_tensor(t) and id(t) not in outputs and id(t) not in seen:
+                seen.add(id(t))
+                out.append(t)
+        return out
+
+    def evaluate(self, inputs: list[tf.Tensor] | None = None) -> tf.Tensor:
+        """h at the variables' current values, on the step's inputs (or on `inputs`, in the
+        order of `inputs()`), leaving no state changed."""
+        new = {} if inputs is None else {id(old): fresh for old, fresh in zip(self.inputs(),
+                                                                               inputs)}
+
+        def now(t):
+            return new.get(id(t), t) if tf.is_tensor(t) else t
+
         saved = [(v, tf.identity(v.value)) for model in self.models()
                  for v in model.non_trainable_variables]
-        new = {}
         with tf.control_dependencies([t for _, t in saved]):
             for c in self.model_calls:
-                args, kwargs = tf.nest.map_structure(lambda t: new.get(id(t), t),
-                                                     (c.args, c.kwargs))
+                args, kwargs = tf.nest.map_structure(now, (c.args, c.kwargs))
                 outputs = c.model(*args, **kwargs)
                 new.update({id(old): fresh for old, fresh in zip(tf.nest.flatten(c.outputs),
                                                                 tf.nest.flatten(outputs))})
-            total = tf.add_n([w * tf.cast(tf.reduce_sum(capture.unrecorded_loss(
-                loss.loss, loss.y_true, tf.nest.map_structure(lambda t: new[id(t)], loss.y_pred),
-                loss.sample_weight)), tf.float64) for loss, w in zip(self.losses, self.weights)])
+            total = tf.add_n([now(w) * tf.cast(tf.reduce_sum(capture.unrecorded_loss(
+                loss.loss, now(loss.y_true), tf.nest.map_structure(now, loss.y_pred),
+                tf.nest.map_structure(now, loss.sample_weight))), tf.float64)
+                for loss, w in zip(self.losses, self.weights)])
             total = total + self.penalties()
         with tf.control_dependencies([total]):
             restores = [v.assign(value) for v, value in saved]

@@ -11,8 +11,8 @@ Run in a fresh process, because TensorFlow's devices and collectives are fixed w
         single-device reference (fit) afterwards.
 
 OUT.npz holds, per run and configuration, each variable's update (after − before) and the
-optimizer's counters. The model is float64 (Conv2D + two Dense layers), so both runs agree to
-rounding. The true Fisher's labels are made deterministic per sample (the least likely class under the model),
+optimizer's counters. The model is float64 (Conv2D + two Dense layers; for `layers_*`
+configurations one of each other kind of block), so both runs agree to rounding. The true Fisher's labels are made deterministic per sample (the least likely class under the model),
 so that both runs draw the same labels for the same samples.
 """
 
@@ -49,6 +49,11 @@ CONFIGS = {
     "nan_step_skipped": ("TENGraD", dict(
         fisher="empirical", learning_rate=0.1, damping=0.05, momentum=0.9, kl_clip=1e-2,
         curvature_update_freq=1)),
+    # The model of the other layer kinds (`build(layers=True)`): every block gathers its own
+    # recorded tensors (token ids, normalized inputs, inputs of explicit per-sample gradients).
+    "layers_true_reuse": ("TENGraD", dict(
+        fisher="true", learning_rate=0.1, damping=0.05, momentum=0.0, kl_clip=None,
+        curvature_update_freq=2)),
 }
 MULTIWORKER_CONFIGS = ("empirical_momentum_klclip_reuse", "kfac_true")
 
@@ -94,17 +99,31 @@ def main(argv=None):
 
     fisher.sample_labels = least_likely
 
-    def build():
-        return keras.Sequential([
-            keras.Input((5, 5, 2)),
-            keras.layers.Conv2D(3, 3, activation="tanh"),
-            keras.layers.Flatten(),
-            keras.layers.Dense(4, activation="tanh"),
-            keras.layers.Dense(3),
-        ])
+    def build(layers=False):
+        if not layers:
+            return keras.Sequential([
+                keras.Input((5, 5, 2)),
+                keras.layers.Conv2D(3, 3, activation="tanh"),
+                keras.layers.Flatten(),
+                keras.layers.Dense(4, activation="tanh"),
+                keras.layers.Dense(3),
+            ])
+        # Synchronized BatchNorm: its batch statistics are then the global batch's, as on one
+        # device, so the two runs take the same step.
+        image = keras.Input((5, 5, 2))
+        h = keras.layers.BatchNormalization(synchronized=True)(
+            keras.layers.Conv2D(4, 3, groups=2, activation="tanh")(image))
+        h = keras.layers.DepthwiseConv2D(2, activation="tanh")(h)
+        h = keras.layers.LayerNormalization()(keras.layers.Conv2DTranspose(2, 2)(h))
+        ids = keras.layers.Discretization(bin_boundaries=[-1.0, 0.0, 1.0])(
+            keras.layers.Flatten()(image))
+        e = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(4, 2)(ids))
+        h = keras.layers.Concatenate()([keras.layers.Flatten()(h), e])
+        return keras.Model(image, keras.layers.Dense(3)(h))
 
     keras.utils.set_random_seed(0)
     initial = build().get_weights()
+    initial_layers = build(layers=True).get_weights()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(SAMPLES, 5, 5, 2))
     y = rng.integers(0, 3, size=SAMPLES)
@@ -115,9 +134,10 @@ def main(argv=None):
 
     def make(name, strategy):
         cls, kwargs = CONFIGS[name]
+        layers = name.startswith("layers")
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
-            model = build()
-            model.set_weights(initial)
+            model = build(layers)
+            model.set_weights(initial_layers if layers else initial)
             optimizer = getattr(tengrad_tf, cls)(**kwargs)
             optimizer.build(model.trainable_variables)
         return model, optimizer

@@ -13,18 +13,19 @@ import tensorflow as tf
 
 def per_sample_gradients(model, x, y, per_sample_loss, variables):
     """{variable path: (m, variable.size)} per-sample gradients of ℓᵢ w.r.t. each variable."""
-    with tf.GradientTape() as tape:
-        losses = per_sample_loss(y, model(x, training=True))
-    jac = tape.jacobian(losses, variables)
-    m = int(losses.shape[0])
-    return {v.path: np.reshape(j.numpy().astype(np.float64), (m, -1)) for v, j in zip(variables, jac)}
+    return jacobian_rows(lambda: per_sample_loss(y, model(x, training=True)), variables)
 
 
 def jacobian_rows(per_sample_losses, variables):
     """{variable path: (m, variable.size)}: rows of ∂ℓᵢ/∂θ for the m-vector `per_sample_losses()`."""
-    with tf.GradientTape() as tape:
+    with tf.GradientTape(persistent=True) as tape:
         losses = per_sample_losses()
-    jac = tape.jacobian(losses, variables)
+    try:
+        jac = tape.jacobian(losses, variables)
+    except (ValueError, tf.errors.InvalidArgumentError):
+        # TF's vectorized jacobian fails on some gradients (BiasAddGrad of a broadcast bias, the
+        # filter gradient of a grouped convolution on CPUs): one gradient per sample instead.
+        jac = tape.jacobian(losses, variables, experimental_use_pfor=False)
     m = int(losses.shape[0])
     return {v.path: np.reshape(j.numpy().astype(np.float64), (m, -1)) for v, j in zip(variables, jac)}
 
@@ -57,14 +58,36 @@ def block_direction(u_blocks, g_blocks, damping):
     return np.split(d, sizes)
 
 
+# The variables of each layer kind that form one exact block, by class name (kept independent of
+# tengrad_tf on purpose: the reference names the blocks itself).
+BLOCK_VARIABLES = {
+    **dict.fromkeys(["Dense", "EinsumDense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D",
+                     "DepthwiseConv2D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose"],
+                    ("kernel", "bias")),
+    **dict.fromkeys(["SeparableConv1D", "SeparableConv2D"],
+                    ("depthwise_kernel", "pointwise_kernel", "bias")),
+    **dict.fromkeys(["LayerNormalization", "GroupNormalization", "BatchNormalization"],
+                    ("gamma", "beta")),
+    "Embedding": ("embeddings",),
+    "RMSNormalization": ("scale",),
+}
+
+
 def layer_blocks(model):
-    """[(kernel, bias or None)] for every Dense/Conv layer of the model (nested models included)."""
+    """[(variable or None, ...)] for every layer of the model with an exact block (nested models
+    included; a MultiHeadAttention's four projections are EinsumDense blocks: kernel and bias)."""
     out = []
     for layer in model.layers:
         if hasattr(layer, "layers"):
             out += layer_blocks(layer)
-        elif type(layer).__name__ in ("Dense", "Conv1D", "Conv2D") and layer.trainable:
-            out.append((layer.kernel, getattr(layer, "bias", None)))
+        elif type(layer).__name__ == "MultiHeadAttention" and layer.trainable:
+            by_projection = {}
+            for v in layer.trainable_weights:
+                by_projection.setdefault(v.path.rsplit("/", 1)[0], []).append(v)
+            out += [tuple(vs) for vs in by_projection.values()]
+        elif type(layer).__name__ in BLOCK_VARIABLES and layer.trainable:
+            out.append(tuple(getattr(layer, name, None)
+                             for name in BLOCK_VARIABLES[type(layer).__name__]))
     return out
 
 
@@ -78,8 +101,9 @@ def penalty_gradients(model, penalty, variables):
 
 
 def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, sample_weight=None,
-                         penalty=None):
-    """{variable path: natural-gradient direction}, blocks for Dense/Conv layers, d = g elsewhere.
+                         penalty=None, blocks=None):
+    """{variable path: natural-gradient direction}, a block for each layer with an exact block
+    (`layer_blocks`, or the given `blocks`), d = g elsewhere.
 
     g is the mean gradient at the training labels `y_true`; the Fisher uses per-sample gradients at
     `y_fisher` (the training labels for the empirical Fisher, sampled labels for the true one).
@@ -102,8 +126,8 @@ def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, s
         g = {p: v + extra[p] for p, v in g.items()}
     u_per = {p: v * np.sqrt(w)[:, None] for p, v in u_per.items()}
     directions = dict(g)
-    for kernel, bias in layer_blocks(model):
-        vars_ = [kernel] + ([bias] if bias is not None else [])
+    for block in layer_blocks(model) if blocks is None else blocks:
+        vars_ = [v for v in block if v is not None]
         ds = block_direction([u_per[v.path] for v in vars_], [g[v.path] for v in vars_], damping)
         for v, d in zip(vars_, ds):
             directions[v.path] = d

@@ -366,3 +366,120 @@ def test_config_round_trip_and_serialization():
 def test_bad_hyperparameters_fail_at_construction_naming_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=name):
         KFAC(**kwargs)
+
+
+# ---- layers beyond Dense and Conv -------------------------------------------------------------
+def output_gradients(layer, head, x, y_fisher):
+    """The layer's (linear) output and ∂(Σᵢ ℓᵢ)/∂output, the per-sample output gradients."""
+    z = tf.constant(layer(x).numpy())
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        total = tf.reduce_sum(per_sample_sce(y_fisher, head(z)))
+    return z.numpy(), tape.gradient(total, z).numpy()
+
+
+def mean_gradient(model, x, y, variables):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(per_sample_sce(y, model(x)))
+    return [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
+
+
+def one_step(model, x, y, lr=0.125, damping=0.05):
+    before = weights(model)
+    opt = plain(learning_rate=lr, damping=damping)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=len(y), epochs=1, shuffle=False, verbose=0)
+    return opt, before, weights(model)
+
+
+def test_embedding_factors_are_the_token_frequencies(float64):
+    """A = diag(token counts)/(m·P), G = Σ gᵢₜgᵢₜᵀ/m: d = (A + π√λ)⁻¹ V (G + √λ/π I)⁻¹."""
+    rng = np.random.default_rng(0)
+    m, t, vocabulary, lr, damping = 6, 4, 9, 0.125, 0.05
+    x, y = rng.integers(0, vocabulary, (m, t)), rng.integers(0, 3, m)
+    embedding = keras.layers.Embedding(vocabulary, 3)
+    head = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((t,), dtype="int32"), embedding, head])
+    _, g = output_gradients(embedding, head, x, y)
+    counts = np.bincount(x.ravel(), minlength=vocabulary) / (m * t)
+    gg = np.einsum("mpi,mpj->ij", g, g) / m
+    pi = np.sqrt((counts.sum() / vocabulary) / (np.trace(gg) / 3))
+    v = mean_gradient(model, x, y, [embedding.embeddings])[0]
+    d = (v / (counts + pi * np.sqrt(damping))[:, None]) @ np.linalg.inv(
+        gg + np.sqrt(damping) / pi * np.eye(3))
+    opt, before, after = one_step(model, x, y, lr, damping)
+    np.testing.assert_allclose(after[embedding.embeddings.path],
+                               before[embedding.embeddings.path] - lr * d, rtol=1e-9,
+                               atol=1e-12)
+    assert opt.treatments()[embedding.embeddings.path].startswith("K-FAC Embedding block")
+
+
+def test_depthwise_factors_are_per_channel(float64):
+    """One (A, G) pair per input channel: A from that channel's 3×3 windows and the bias, G from
+    its depth_multiplier output gradients."""
+    rng = np.random.default_rng(1)
+    m, lr, damping, mult = 5, 0.125, 0.05, 2
+    x, y = rng.normal(size=(m, 5, 4, 3)), rng.integers(0, 3, m)
+    conv = keras.layers.DepthwiseConv2D(3, depth_multiplier=mult)
+    head = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((5, 4, 3)), conv, head])
+    _, g = output_gradients(conv, head, x, y)
+    kernel_grad, bias_grad = mean_gradient(model, x, y, [conv.kernel, conv.bias])
+    expected_kernel, expected_bias = np.zeros_like(kernel_grad), np.zeros_like(bias_grad)
+    for c in range(3):
+        rows = unfold(x[..., c:c + 1], (3, 3))
+        rows = np.concatenate([rows, np.ones(rows.shape[:2] + (1,))], axis=2)
+        gc = g[..., c * mult:(c + 1) * mult].reshape(m, -1, mult)
+        v = np.concatenate([kernel_grad[:, :, c, :].reshape(9, mult),
+                            bias_grad[None, c * mult:(c + 1) * mult]])
+        a_inv, g_inv = damped_inverses(*kronecker_factors(rows, gc), damping)
+        d = a_inv @ v @ g_inv
+        expected_kernel[:, :, c, :] = d[:9].reshape(3, 3, mult)
+        expected_bias[c * mult:(c + 1) * mult] = d[9]
+    opt, before, after = one_step(model, x, y, lr, damping)
+    for var, d in ((conv.kernel, expected_kernel), (conv.bias, expected_bias)):
+        np.testing.assert_allclose(after[var.path], before[var.path] - lr * d, rtol=1e-9,
+                                   atol=1e-12, err_msg=var.path)
+
+
+def test_einsum_dense_is_a_dense_over_positions(float64):
+    rng = np.random.default_rng(2)
+    m, lr, damping = 6, 0.125, 0.05
+    x, y = rng.normal(size=(m, 4, 5)), rng.integers(0, 3, m)
+    layer = keras.layers.EinsumDense("abc,cde->abde", (4, 2, 3), bias_axes="de")
+    head = keras.Sequential([keras.layers.Flatten(), keras.layers.Dense(3)])
+    model = keras.Sequential([keras.Input((4, 5)), layer, head])
+    _, g = output_gradients(layer, head, x, y)
+    rows = np.concatenate([x, np.ones((m, 4, 1))], axis=2)
+    kernel_grad, bias_grad = mean_gradient(model, x, y, [layer.kernel, layer.bias])
+    v = np.concatenate([kernel_grad.reshape(5, 6), bias_grad.reshape(1, 6)])
+    a_inv, g_inv = damped_inverses(*kronecker_factors(rows, g.reshape(m, 4, 6)), damping)
+    d = a_inv @ v @ g_inv
+    opt, before, after = one_step(model, x, y, lr, damping)
+    np.testing.assert_allclose(after[layer.kernel.path],
+                               before[layer.kernel.path] - lr * d[:5].reshape(5, 2, 3),
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(after[layer.bias.path],
+                               before[layer.bias.path] - lr * d[5].reshape(2, 3),
+                               rtol=1e-9, atol=1e-12)
+
+
+def test_layers_without_a_kronecker_factorization_are_first_order_by_name():
+    """K-FAC says, per layer, that it does not factor normalization, transposed and separable
+    convolutions, and takes a first-order step for them (never a crash)."""
+    model = keras.Sequential([
+        keras.Input((6, 6, 2)), keras.layers.Conv2D(4, 3, padding="same"),
+        keras.layers.BatchNormalization(), keras.layers.Conv2DTranspose(2, 3, strides=2),
+        keras.layers.SeparableConv2D(3, 3), keras.layers.LayerNormalization(),
+        keras.layers.GroupNormalization(groups=1), keras.layers.Flatten(), keras.layers.Dense(3)])
+    opt = KFAC(fisher="empirical", cov_update_freq=1, inv_update_freq=1)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(np.random.default_rng(0).normal(size=(8, 6, 6, 2)), np.zeros(8), batch_size=4,
+              verbose=0)
+    assert int(opt.skipped_steps.numpy()) == 0
+    for layer in model.layers[1:7]:
+        for v in layer.trainable_weights:
+            assert opt.treatments()[v.path].startswith(
+                f"first-order: {type(layer).__name__} '{layer.name}': K-FAC has no standard "
+                "Kronecker factorization")
+    assert opt.treatments()[model.layers[0].kernel.path].startswith("K-FAC Conv block")

@@ -250,29 +250,49 @@ def test_learns_faster_than_sgd_per_step():
     assert tengrad < sgd, (tengrad, sgd)
 
 
-def test_summary_lists_every_variable_and_why():
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4),
-                              keras.layers.BatchNormalization(), keras.layers.Dense(2)])
+def test_summary_lists_every_variable_and_why(caplog):
+    """Every first-order variable's treatment names its layer and the layer's class, for layers
+    capture patches (a subclass that overrides call) and layers it does not (LSTM, PReLU); the
+    warning about them is logged once per fit."""
+
+    class Scaled(keras.layers.Dense):
+        def call(self, x):
+            return super().call(2.0 * x)
+
+    inputs = keras.Input((5, 6))
+    h = keras.layers.Dense(4)(inputs)
+    h = keras.layers.LSTM(3, name="lstm")(h)
+    h = keras.layers.PReLU(name="prelu")(h)
+    h = Scaled(3, name="scaled")(h)
+    model = keras.Model(inputs, keras.layers.Dense(2)(h))
     opt = TENGraD(fisher="empirical")
     assert "not bound yet" in opt.summary(print_fn=None)
     model.compile(optimizer=opt, loss=sce())
-    x, y = data(16, inputs=6, classes=2)
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(20, 5, 6)).astype("float32"), rng.integers(0, 2, 20)
+    with caplog.at_level("WARNING", logger="tengrad_tf"):
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)  # a partial batch: traced twice
     treatments = opt.treatments()
     assert set(treatments) == {v.path for v in model.trainable_variables}
     assert sum("Dense block" in t for t in treatments.values()) == 4
-    bn = [t for p, t in treatments.items() if "batch_normalization" in p]
-    assert len(bn) == 2 and all(t.startswith("first-order") for t in bn)
+    by_layer = {name: [t for p, t in treatments.items() if f"/{name}/" in f"/{p}"]
+                for name in ("lstm", "prelu", "scaled")}
+    assert len(by_layer["lstm"]) == 3 and all(
+        t.startswith("first-order: LSTM 'lstm': recurrent weights") for t in by_layer["lstm"])
+    assert by_layer["prelu"] == ["first-order: PReLU 'prelu': no exact block for this kind of "
+                                 "layer (README, 'Layers': the kinds with one)"]
+    assert all(t.startswith("first-order: Scaled 'scaled': it overrides Dense.call")
+               for t in by_layer["scaled"])
+    assert len([r for r in caplog.records if "first-order" in r.getMessage()]) == 1
     text = opt.summary(print_fn=None)
     assert all(p in text for p in treatments)
 
 
 def test_no_preconditionable_layer_is_an_error_not_a_silent_sgd():
-    model = keras.Sequential([keras.Input((3,), dtype="int32"), keras.layers.Embedding(10, 4),
-                              keras.layers.Flatten()])
+    model = keras.Sequential([keras.Input((3, 2)), keras.layers.SimpleRNN(4)])
     model.compile(optimizer=TENGraD(fisher="empirical"), loss="mse")
     with pytest.raises(tengrad_tf.BindingError, match="no layer to precondition"):
-        model.fit(np.zeros((4, 3), "int32"), np.zeros((4, 12)), verbose=0)
+        model.fit(np.zeros((4, 3, 2), "float32"), np.zeros((4, 4)), verbose=0)
 
 
 def test_config_round_trip_and_serialization():
@@ -579,16 +599,16 @@ def test_train_step_graph_passes_grappler():
 
 
 def test_variables_without_a_block_take_keras_adams_step(float64):
-    """first_order="adam" (the default): a variable no block owns (BatchNorm's γ, β here) takes
-    Adam's step at first_order_learning_rate, which follows the learning rate in proportion (here
-    halved for the second step), while the Dense blocks take the exact natural-gradient step."""
+    """first_order="adam" (the default): a variable no block owns (PReLU's α here) takes Adam's
+    step at first_order_learning_rate, which follows the learning rate in proportion (here halved
+    for the second step)."""
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
-                              keras.layers.BatchNormalization(), keras.layers.Dense(3)])
+                              keras.layers.PReLU(), keras.layers.Dense(3)])
     x, y = data(8)
     opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
                   curvature_update_freq=1, fisher="empirical", first_order_learning_rate=0.01,
                   adaptive_damping=False)
-    bn = model.layers[1].trainable_variables
+    bn = model.layers[1].trainable_variables  # PReLU's α: no block
 
     @tf.function
     def step(x, y):
@@ -612,5 +632,5 @@ def test_variables_without_a_block_take_keras_adams_step(float64):
             eta = 0.01 * lr_scale * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
             want = before[v.path] - eta * m[v.path] / (np.sqrt(v2[v.path]) + 1e-7)
             np.testing.assert_allclose(v.numpy(), want, rtol=1e-9, atol=1e-12, err_msg=v.path)
-    assert all(t.startswith("first-order") for p, t in opt.treatments().items()
-               if "batch_normalization" in p)
+    (prelu,) = [t for p, t in opt.treatments().items() if "p_re_lu" in p]
+    assert prelu.startswith("first-order")

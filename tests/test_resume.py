@@ -51,10 +51,14 @@ def data():
 
 
 def build(optimizer):
-    """A convolution (its cache holds per-sample gradients J) and a Dense layer (factors A, G)."""
-    model = keras.Sequential([keras.Input((4, 4, 1)),
-                              keras.layers.Conv2D(2, 3, padding="same", activation="tanh"),
-                              keras.layers.Flatten(), keras.layers.Dense(3)])
+    """A convolution (its cache holds per-sample gradients J), a Dense layer (factors A, G) and an
+    Embedding of the discretized pixels (token ids and G)."""
+    image = keras.Input((4, 4, 1))
+    h = keras.layers.Flatten()(keras.layers.Conv2D(2, 3, padding="same", activation="tanh")(image))
+    ids = keras.layers.Discretization(bin_boundaries=list(np.linspace(-2, 2, 39)))(
+        keras.layers.Flatten()(image))
+    e = keras.layers.GlobalAveragePooling1D()(keras.layers.Embedding(40, 2)(ids))
+    model = keras.Model(image, keras.layers.Dense(3)(keras.layers.Concatenate()([h, e])))
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model
@@ -204,7 +208,8 @@ def test_a_fixed_capacity_smaller_than_the_saved_cache_is_a_clear_error(tmp_path
     fresh = build(TENGraD(fisher="empirical", max_batch_size=B // 2))
     fresh.optimizer.build(fresh.trainable_variables)  # else Keras skips the optimizer's state
     fresh.load_weights(tmp_path / "a.weights.h5")
-    with pytest.raises(ValueError, match="conv2d.*max_batch_size at least as large"):
+    with pytest.raises(ValueError,
+                       match="layer '(conv2d|embedding).*max_batch_size at least as large"):
         fresh.fit(x, y, batch_size=B // 2, verbose=0)
 
 

@@ -1,39 +1,30 @@
-"""The layer-agnostic part of an exact Fisher block: Gram route, cache, and the damped solve.
+"""The layer-agnostic part of an exact Fisher block: what to cache, the Gram, and the damped solve.
 
-A block covers one layer's kernel and bias together. Subclasses (one per layer kind) know only their
-layer: which layers they accept, the pre-activation output, the patch rows Âᵢ (with the bias column),
-the output-gradient rows Gᵢ, and how the kernel and bias gradients map to one D_in × D_out matrix.
-Everything else (which Gram route, what to cache between curvature updates, chunking to stay within
-the memory budget, the Woodbury solve) is here and the same for every kind.
+A block covers one layer's parameters together (kernel and bias; γ and β; a separable
+convolution's two kernels and bias). What the layer is (its per-sample gradient structure, its rows,
+its gradient as one matrix) is its helper's business (`tengrad_tf.layers`); everything else (which
+Gram route, what to cache between curvature updates, chunking to stay within the memory budget, the
+Woodbury solve) is here and the same for every kind.
 
 Cache: a block keeps what it needs to precondition new gradients between curvature updates, in
 tf.Variables whose leading (sample) dimension is dynamic, since the batch size is only known at run
-time. It caches the factors (Â, G) or the explicit per-sample gradients J, whichever is smaller, plus
-the float64 Cholesky factor of mλI + K.
+time: the factors (Â, G) or the explicit per-sample gradients J, whichever is smaller, or the token
+ids and output gradients of a lookup table, plus the float64 Cholesky factor of mλI + K.
 """
 
 from __future__ import annotations
 
-import abc
 import enum
 import math
 import keras
 import numpy as np
 import tensorflow as tf
 
-from tengrad_tf import _tf_private, distribute, woodbury
-from tengrad_tf.blocks import per_sample
+from tengrad_tf import _tf_private, distribute, layers, woodbury
+from tengrad_tf.blocks import per_sample, tokens
+from tengrad_tf.layers import Structure, as_rows  # noqa: F401  (as_rows: re-exported)
 
 _BYTES = 4  # float32; float64 models double it, which the budget check below ignores
-
-
-def as_rows(x: tf.Tensor, width: int) -> tf.Tensor:
-    """(m, ..., width) → (m, P, width), keeping P static when the middle axes are: the Dense fast
-    paths (P = 1) and the cost model depend on it, and `[tf.shape(x)[0], -1, width]` would lose it
-    whenever the batch size is dynamic."""
-    middle = x.shape[1:-1]
-    p = -1 if None in middle else int(math.prod(middle))
-    return tf.reshape(x, [-1 if p != -1 else tf.shape(x)[0], p, width])
 
 
 def once_per_step(memo: dict, step, compute):
@@ -80,11 +71,12 @@ class XlaCacheError(RuntimeError):
 
 class CacheKind(str, enum.Enum):
     FACTORS = "factors"  # Â (m, P, D_in) and G (m, P, D_out)
-    PER_SAMPLE = "per-sample gradients"  # J (m, D_in, D_out)
-    INVERSE = "the explicit inverse (F + λI)⁻¹"  # (d, d), d = D_in·D_out: small blocks only
+    PER_SAMPLE = "per-sample gradients"  # J (m, *matrix): (m, D_in, D_out) for Kronecker layers
+    TOKENS = "token ids and output gradients"  # (m, P) ids and G (m, P, D): lookup tables
+    INVERSE = "the explicit inverse (F + λI)⁻¹"  # (d, d): small blocks only
 
 
-#: Blocks with at most this many parameters (d = D_in·D_out) cache the explicit d × d inverse
+#: Blocks with at most this many parameters (d, e.g. D_in·D_out) cache the explicit d × d inverse
 #: (F + λI)⁻¹, float64, at most 8 MiB: it is computed on update steps by a direct d × d Cholesky
 #: when the batch has at least d samples (cheaper than the m × m Woodbury solve then) and through
 #: Woodbury otherwise, and a step between updates is one d × d product instead of the factored
@@ -92,26 +84,34 @@ class CacheKind(str, enum.Enum):
 DIRECT_MAX_DIM = 1024
 
 
-class FisherBlock(abc.ABC):
-    """Exact (F + λI)⁻¹ for one layer, F = (1/m) Σᵢ vec(Jᵢ) vec(Jᵢ)ᵀ with Jᵢ = Âᵢᵀ Gᵢ."""
+class FisherBlock:
+    """Exact (F + λI)⁻¹ for one layer, F = (1/m) Σᵢ uᵢuᵢᵀ over its per-sample gradients uᵢ.
 
-    #: Keras layer classes this block handles (exact type match is not required: subclasses that keep
-    #: the parent's `call` are captured, because capture patches the parent's method).
-    layer_classes: tuple[type, ...] = ()
-    kind: str = "block"
+    Every layer kind is this one class: the layer's helper (`tengrad_tf.layers`) says how uᵢ is
+    built (its `Structure`) and lays the kernel and bias out as one matrix; the block decides what
+    to cache and forms the Gram, Uᵀv and U s for it. The extension points, one per cache kind
+    (`CacheKind`), are `_cache_and_gram` (what to cache and the Gram K = UᵀU), `_project` (Uᵀv) and
+    `_combine` (U s), each a call into the pure functions of per_sample.py or tokens.py.
+    """
 
     def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
                  damping: float | tf.Variable = 0.1, update_freq: int = 1, max_retries: int = 6,
                  jit_solve: bool = False, max_batch_size: int | None = None,
                  adaptive_damping: bool = False, joint: bool = False):
+        helper = layers.helper_for(layer)
+        if helper is None or not helper.captures:
+            raise ValueError(f"no exact Fisher block for layer '{layer.name}' "
+                             f"({type(layer).__name__})")
+        self.helper = helper
         self.layer = layer
+        self.kind = helper.kind
         self.memory_budget = int(memory_budget)
         # A float, or (adaptive damping) the optimizer's λ variable, which can change between
         # curvature updates: the cache then keeps the Gram and refactorizes when λ changed.
         self.damping = damping
         self.adaptive_damping = bool(adaptive_damping)
-        # Part of the whole network's Fisher (blocks/network.py): the block caches its factors and
-        # hands over its Gram; the one m × m solve of all blocks together is not its own.
+        # Part of the whole network's Fisher (blocks/network.py): the block caches what its
+        # layer needs and hands over its Gram; the one m × m solve of all blocks is not its own.
         self.joint = bool(joint)
         self.update_freq = update_freq
         self.max_retries = max_retries
@@ -119,7 +119,7 @@ class FisherBlock(abc.ABC):
         # (_ensure_cache): TENGraD's jit_solve and max_batch_size.
         self.jit_solve = bool(jit_solve)
         self.max_batch_size = max_batch_size
-        self.variables = [layer.kernel] + ([layer.bias] if self.has_bias else [])
+        self.variables = helper.variables
         self._cache: dict[str, tf.Variable] | None = None
         self._capacity: int | None = None
         self._schedule_memo: dict = {}
@@ -130,92 +130,45 @@ class FisherBlock(abc.ABC):
         self.diagnostics = False
         self.condition: tf.Variable | None = None
 
-    # ---- what a subclass provides ---------------------------------------------------------------
-    @classmethod
-    def unsupported_reason(cls, layer) -> str | None:
-        """Why this layer cannot get an exact block (None if it can)."""
-        if getattr(layer, "lora_enabled", False):
-            return "LoRA-enabled layers are not preconditioned"
-        if getattr(layer, "quantization_mode", None):
-            return f"quantized layer (mode {layer.quantization_mode!r})"
-        return None
-
-    @staticmethod
-    @abc.abstractmethod
-    def preactivation(layer, inputs) -> tf.Tensor:
-        """The layer's output before its activation, computed exactly as the layer's own call."""
-
-    @abc.abstractmethod
-    def input_rows(self, inputs: tf.Tensor) -> tf.Tensor:
-        """Â without the bias column: (m, P, D_in)."""
-
-    @abc.abstractmethod
-    def positions(self, inputs_shape) -> int | None:
-        """P, the number of patch rows per sample (None if not static)."""
-
     @property
     def dtype(self) -> tf.DType:
-        """float64 for float64 layers (exact tests), float32 otherwise (float16/bfloat16 included:
-        the factors of mixed-precision layers are kept in float32)."""
-        return tf.float64 if self.layer.kernel.dtype == "float64" else tf.float32
-
-    @property
-    def has_bias(self) -> bool:
-        return getattr(self.layer, "bias", None) is not None
-
-    @property
-    def kernel_rows(self) -> int:
-        return math.prod(self.layer.kernel.shape[:-1])
+        return self.helper.dtype
 
     @property
     def d_in(self) -> int:
-        return self.kernel_rows + int(self.has_bias)
+        """Rows of a Kronecker-structured block's matrix (per group), bias included."""
+        return self.helper.d_in
 
     @property
     def d_out(self) -> int:
-        return int(self.layer.kernel.shape[-1])
+        return self.helper.d_out
 
-    # ---- shared ------------------------------------------------------------------------------
-    def patches(self, inputs: tf.Tensor) -> tf.Tensor:
-        """Â: (m, P, D_in) in float32, with a column of ones for the bias."""
-        rows = tf.cast(self.input_rows(inputs), self.dtype)
-        if self.has_bias:
-            rows = tf.concat([rows, tf.ones_like(rows[..., :1])], axis=-1)
-        return rows
-
-    def output_rows(self, output_grad: tf.Tensor) -> tf.Tensor:
-        """G: (m, P, D_out) in float32."""
-        g = tf.cast(output_grad, self.dtype)
-        return as_rows(g, self.d_out)
-
-    def to_matrix(self, grads: list[tf.Tensor]) -> tf.Tensor:
-        """Kernel and bias gradients (or directions) as one (D_in, D_out) matrix, bias last."""
-        kernel = tf.cast(grads[0], self.dtype)
-        if kernel.shape.rank != 2:  # convolutions; a Dense kernel is the matrix already
-            kernel = tf.reshape(kernel, [self.kernel_rows, self.d_out])
-        if self.has_bias:
-            kernel = tf.concat([kernel, tf.cast(grads[1], self.dtype)[None, :]], axis=0)
-        return kernel
-
-    def from_matrix(self, matrix: tf.Tensor) -> list[tf.Tensor]:
-        kernel = matrix[: self.kernel_rows] if self.has_bias else matrix
-        if len(self.layer.kernel.shape) != 2:
-            kernel = tf.reshape(kernel, self.layer.kernel.shape)
-        out = [tf.cast(kernel, self.layer.kernel.dtype)]
-        if self.has_bias:
-            out.append(tf.cast(matrix[self.kernel_rows], self.layer.bias.dtype))
-        return out
+    @property
+    def _kronecker(self) -> bool:
+        """One Kronecker structure (Dense, EinsumDense, convolutions): routes F and E both exist."""
+        return self.helper.structure is Structure.KRONECKER and self.helper.groups == 1
 
     # ---- cost model ----------------------------------------------------------------------------
     def cache_kind(self, p: int | None) -> CacheKind:
-        """Cache whichever of (Â, G) and J is smaller: P(D_in + D_out) against D_in·D_out per sample.
+        """What to keep between curvature updates: the smaller of the layer's factors and its
+        explicit per-sample gradients J, per sample.
 
-        P is None for a Dense layer on inputs whose extra axes are dynamic (sequences): factors.
-        Small blocks (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead, unless the
-        damping adapts (the inverse would have to be rebuilt from U at every change)."""
-        if self.d_in * self.d_out <= DIRECT_MAX_DIM and not (self.adaptive_damping or self.joint):
+        Kronecker layers: (Â, G), P(D_in + D_out), against J, D_in·D_out (P None: a Dense layer on
+        inputs whose extra axes are dynamic: factors). Lookup tables: token ids and G, P(D + 1),
+        against V·D. Grouped convolutions and explicit layers: J. Small blocks
+        (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead, unless the damping adapts (the
+        inverse would have to be rebuilt at every change) or the block is part of the network's
+        one solve."""
+        h = self.helper
+        d = h.size
+        if d <= DIRECT_MAX_DIM and not (self.adaptive_damping or self.joint):
             return CacheKind.INVERSE
-        if p is None or p * (self.d_in + self.d_out) <= self.d_in * self.d_out:
+        if h.structure is Structure.TOKENS:
+            return (CacheKind.TOKENS if p is None or p * (h.d_out + 1) <= d
+                    else CacheKind.PER_SAMPLE)
+        if not self._kronecker:
+            return CacheKind.PER_SAMPLE
+        if p is None or p * (self.d_in + self.d_out) <= d:
             return CacheKind.FACTORS
         return CacheKind.PER_SAMPLE
 
@@ -223,8 +176,11 @@ class FisherBlock(abc.ABC):
         """Route F is cheaper than route E iff m < this threshold (inf: always; 0: never).
 
         Flops: F costs m²P²(D_in + D_out); E costs mPD_inD_out + m²D_inD_out. If J must be cached
-        anyway, E's first term is paid by both routes and drops out of the comparison.
+        anyway, E's first term is paid by both routes and drops out of the comparison. Layers that
+        are not one Kronecker structure have route E only.
         """
+        if not self._kronecker:
+            return 0.0
         if p is None or p == 1:
             return math.inf
         dd = self.d_in * self.d_out
@@ -240,16 +196,19 @@ class FisherBlock(abc.ABC):
 
     def total_positions(self, inputs: list[tf.Tensor]) -> int | None:
         """P summed over the layer's calls in a step (None if any is dynamic)."""
-        ps = [self.positions(x.shape) for x in inputs]
+        ps = [self.helper.positions(x.shape) for x in inputs]
         return None if None in ps else sum(ps)
 
     def describe(self, inputs_shape) -> str:
-        p = self.positions(inputs_shape)
+        p = self.helper.positions(inputs_shape)
         cache = self.cache_kind(p)
         threshold = self.factored_threshold(p, cache)
+        d = self.helper.size
         if cache is CacheKind.INVERSE:
-            route = (f"direct {self.d_in * self.d_out}×{self.d_in * self.d_out} solve when the "
-                     f"batch has at least {self.d_in * self.d_out} samples, else Woodbury")
+            route = (f"direct {d}×{d} solve when the batch has at least {d} samples, else "
+                     "Woodbury")
+        elif cache is CacheKind.TOKENS:
+            route = "Gram from token matches"
         elif threshold == math.inf:
             route = "Gram route F"
         elif threshold < 1:
@@ -257,8 +216,8 @@ class FisherBlock(abc.ABC):
         else:
             route = f"Gram route F for batch < {threshold:.0f}, else E"
         return (
-            f"{self.kind} block of layer '{self.layer.name}' (kernel{'+bias' if self.has_bias else ''},"
-            f" D_in={self.d_in}, D_out={self.d_out}, P={'dynamic' if p is None else p}; {route}; caches {cache.value})"
+            f"{self.kind} block of layer '{self.layer.name}' ({self.helper.describe_parameters()}, "
+            f"P={'dynamic' if p is None else p}; {route}; caches {cache.value})"
         )
 
     # ---- curvature ---------------------------------------------------------------------------
@@ -273,29 +232,38 @@ class FisherBlock(abc.ABC):
         dimension is dynamic (any batch size, but no XLA).
         """
         self._capacity = capacity
+        h = self.helper
         rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
-        dims = {"a": rows + [self.d_in], "g": rows + [self.d_out],
-                "j": [capacity, self.d_in, self.d_out], "cholesky": [capacity, capacity],
-                "inverse": [self.d_in * self.d_out] * 2, "gram": [capacity, capacity],
-                "requested": [], "samples": []}
-        names = {CacheKind.FACTORS: ["a", "g"], CacheKind.PER_SAMPLE: ["j"],
-                 CacheKind.INVERSE: []}[cache]
+        if cache is CacheKind.FACTORS:
+            fields = {"a": rows + [self.d_in], "g": rows + [self.d_out]}
+        elif cache is CacheKind.TOKENS:
+            # Token ids are kept as floats (exact below 2²⁴, layers.EmbeddingHelper), so that every
+            # cached tensor is one the core's finiteness check of fresh curvature can take.
+            fields = {"tokens": [capacity, p], "g": [capacity, p, self.d_out]}
+        elif cache is CacheKind.PER_SAMPLE:
+            fields = {"j": [capacity, *h.matrix_shape]}
+        else:
+            fields = {}
+        if self.joint:  # the network solve keeps the factorization (blocks/network.py)
+            solve_state = {}
+        elif cache is CacheKind.INVERSE:
+            solve_state = {"inverse": [h.size] * 2}
+        else:
+            solve_state = {"cholesky": [capacity, capacity]}
+            if self.adaptive_damping:  # K, the λ it was factorized for, m (K may be padded)
+                solve_state.update(gram=[capacity, capacity], requested=[], samples=[])
 
-        def var(name, dtype):
-            shape = dims[name]
+        def var(name, shape, dtype):
             initial = [0 if d is None else d for d in shape]
             return tf.Variable(tf.zeros(initial, dtype), shape=tf.TensorShape(shape),
                                trainable=False, name=f"{self.layer.name}_{name}",
                                **distribute.REPLICA_LOCAL)
 
         with tf.init_scope():
-            state = {n: var(n, self.dtype) for n in names}
+            state = {n: var(n, shape, self.dtype) for n, shape in fields.items()}
+            state.update({n: var(n, shape, woodbury.SOLVE_DTYPE)
+                          for n, shape in solve_state.items()})
             if not self.joint:
-                solve_state = "inverse" if cache is CacheKind.INVERSE else "cholesky"
-                state[solve_state] = var(solve_state, woodbury.SOLVE_DTYPE)
-                if self.adaptive_damping:  # K, the λ it was factorized for, m (K may be padded)
-                    state.update({n: var(n, woodbury.SOLVE_DTYPE)
-                                  for n in ("gram", "requested", "samples")})
                 state["damping"] = tf.Variable(
                     tf.constant(1.0, woodbury.SOLVE_DTYPE), trainable=False,
                     name=f"{self.layer.name}_damping", **distribute.REPLICA_LOCAL)
@@ -316,8 +284,8 @@ class FisherBlock(abc.ABC):
     # ---- saving and restoring (PreconditionedOptimizer.save_own_variables) ---------------------
     @property
     def state_variables(self) -> dict[str, tf.Variable]:
-        """The cache ("a" and "g" or "j", with "cholesky"; or "inverse"; "damping") and "filled";
-        {} before the first trace."""
+        """The cache ("a" and "g", "j", or "tokens" and "g", with "cholesky"; or "inverse";
+        "damping") and "filled"; {} before the first trace."""
         if self._cache is None:
             return {}
         return {**self._cache, "filled": self._filled}
@@ -341,8 +309,8 @@ class FisherBlock(abc.ABC):
         for k, v in self._cache.items():
             value = tf.convert_to_tensor(arrays[k])
             # Compare all but the sample axes, which `_to_capacity` adapts below.
-            want = ([m, m] if k in ("cholesky", "gram") else [m, *v.shape[1:]]
-                    if k in ("a", "g", "j") else v.shape)
+            want = ([m, m] if k in ("cholesky", "gram") else
+                    [m, *v.shape[1:]] if k in ("a", "g", "j", "tokens") else v.shape)
             if value.dtype != v.dtype or not value.shape.is_compatible_with(want):
                 raise ValueError(mismatch + f"'{k}' was saved as {value.dtype.name} "
                                  f"{value.shape}, the cache holds {v.dtype.name} {v.shape}.")
@@ -401,17 +369,19 @@ class FisherBlock(abc.ABC):
 
     def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                           ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        """This step's factors, Gram and Cholesky factor: ({name: tensor}, damping retries).
+        """This step's cache, Gram and Cholesky factor: ({name: tensor}, damping retries).
 
-        `inputs`/`output_grads` hold one entry per call of the layer in the step: a shared layer
-        contributes the patch rows of every call to the same per-sample gradient, so the calls are
-        concatenated along the position axis (exact, not an approximation).
+        `inputs`/`output_grads` hold one entry per call of the layer in the step (the tensors its
+        helper recorded, and the output gradients): a shared layer contributes every call to the
+        same per-sample gradient (rows concatenated along the position axis, or explicit
+        per-sample gradients summed), which is exact, not an approximation.
         """
-        if self.cache_kind(self.total_positions(inputs)) is CacheKind.INVERSE:
+        cache = self.cache_kind(self.total_positions(inputs))
+        if cache is CacheKind.INVERSE:
             with tf.name_scope("tengrad_inverse"):
                 return self._explicit_inverse(inputs, output_grads)
         with tf.name_scope("tengrad_gram"):
-            state, gram = self._factors_and_gram(inputs, output_grads)
+            state, gram = self._cache_and_gram(cache, inputs, output_grads)
         if self.joint:  # factorized with the other blocks' Grams (blocks/network.py)
             state["gram"] = tf.cast(gram, woodbury.SOLVE_DTYPE)
             return state, tf.constant(0)
@@ -431,43 +401,70 @@ class FisherBlock(abc.ABC):
 
     def _explicit_inverse(self, inputs, output_grads) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """(F + λI)⁻¹ as a d × d matrix, from the explicit per-sample gradients (d is small)."""
-        g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
-        patches = lambda xs: tf.concat([self.patches(x) for x in xs], axis=1)  # noqa: E731
-        j = per_sample.per_sample(patches, inputs, g)
-        rows = tf.reshape(j, [tf.shape(j)[0], self.d_in * self.d_out])
-        inverse = woodbury.explicit_inverse(rows, self.damping, self.max_retries)
+        j = self._per_sample(inputs, output_grads)
+        rows = tf.reshape(j, [tf.shape(j)[0], self.helper.size])
+        inverse = woodbury.explicit_inverse(rows, self._damping_now(), self.max_retries)
         return {"inverse": inverse.matrix, "damping": inverse.damping}, inverse.retries
 
-    def _factors_and_gram(self, inputs, output_grads) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        """What to cache ({"a", "g"} or {"j"}) and the Gram K = UᵀU, by the cheaper route."""
+    def _output_rows(self, output_grads) -> tf.Tensor:
+        return tf.concat([self.helper.output_rows(dz) for dz in output_grads], axis=1)
+
+    def _per_sample(self, inputs, output_grads) -> tf.Tensor:
+        """J, the explicit per-sample gradients (m, *matrix), chunked over samples."""
+        h = self.helper
+        intermediate = sum(h.per_sample_elements(x.shape) for x in inputs)
+        chunk = self.chunk(_BYTES * intermediate)
+        if h.structure is Structure.KRONECKER:
+            patches = lambda xs: tf.concat([h.input_rows(x) for x in xs], axis=1)  # noqa: E731
+            return per_sample.per_sample(patches, inputs, self._output_rows(output_grads), chunk)
+        if h.structure is Structure.TOKENS:  # small tables only (cache_kind)
+            ids = tf.concat([h.tokens(x) for x in inputs], axis=1)
+            return tokens.per_sample(ids, self._output_rows(output_grads), h.vocabulary)
+        n = len(inputs)
+        return per_sample.map_sample_chunks(
+            lambda *ts: tf.add_n([h.per_sample_gradients(ts[k], ts[n + k]) for k in range(n)]),
+            [*inputs, *output_grads], chunk, dtype=self.dtype)
+
+    def _pair_chunk(self, g: tf.Tensor) -> tf.Tensor:
+        """Rows i per chunk of a pairwise Gram: a chunk holds (rows, m, P, P) products, twice; m
+        and P are known at run time only."""
+        m, p_now = tf.shape(g)[0], tf.shape(g)[1]
+        return tf.maximum(1, self.memory_budget // (_BYTES * 2 * p_now * p_now * m))
+
+    def _cache_and_gram(self, cache: CacheKind, inputs, output_grads
+                        ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """What to cache ({"a", "g"}, {"j"} or {"tokens", "g"}) and the Gram K = UᵀU."""
+        h = self.helper
+        if cache is CacheKind.TOKENS:
+            ids = tf.concat([h.tokens(x) for x in inputs], axis=1)
+            g = self._output_rows(output_grads)
+            cached = {"tokens": tf.cast(ids, self.dtype), "g": g}
+            return cached, tokens.gram(ids, g, self._pair_chunk(g))
+        j = None if cache is CacheKind.FACTORS else self._per_sample(inputs, output_grads)
+        if not self._kronecker:
+            return {"j": j}, per_sample.gram_explicit(j)
         p = self.total_positions(inputs)
-        cache = self.cache_kind(p)
-        g = tf.concat([self.output_rows(dz) for dz in output_grads], axis=1)
-        patches = lambda xs: tf.concat([self.patches(x) for x in xs], axis=1)  # noqa: E731
-        m = tf.shape(g)[0]
         threshold = self.factored_threshold(p, cache)
+        g = self._output_rows(output_grads)
 
         def route_f():
-            a = patches(inputs)
-            # A chunk of rows i holds (rows, m, P, P) pairs of products; m is known at run time only.
-            p_now = tf.shape(g)[1]
-            rows = tf.maximum(1, self.memory_budget // (_BYTES * 2 * p_now * p_now * m))
-            return a, per_sample.gram_factored(a, g, rows)
+            a = tf.concat([h.input_rows(x) for x in inputs], axis=1)
+            return a, per_sample.gram_factored(a, g, self._pair_chunk(g))
 
         def route_e():
             # J is formed in chunks of samples; with a factors cache it is dropped after the Gram.
-            return per_sample.per_sample(patches, inputs, g, self.chunk(_BYTES * p * self.d_in))
+            return per_sample.gram_explicit(self._per_sample(inputs, output_grads) if j is None
+                                            else j)
 
         # The cache (what is smaller to keep) and the Gram route (what is cheaper to compute) are
         # separate choices: with P > 1 positions, route F's m²P²(D_in + D_out) can exceed route E's
         # m·P·D_in·D_out + m²·D_in·D_out even when the factors are the smaller cache (a Dense
         # layer on sequences, a late convolution).
-        a = j = None
+        a = None
         if threshold == math.inf:
             a, gram = route_f()
         elif threshold < 1:
-            j = route_e()
-            gram = per_sample.gram_explicit(j)
+            gram = route_e()
         elif g.shape[0] is not None:
             # A static batch decides the route here: a tf.cond on a constant predicate would be
             # folded by grappler, and a pruned branch holding a chunk loop (map_fn) breaks its
@@ -475,15 +472,14 @@ class FisherBlock(abc.ABC):
             if g.shape[0] < threshold:
                 a, gram = route_f()
             else:
-                j = route_e()
-                gram = per_sample.gram_explicit(j)
+                gram = route_e()
         else:
-            j = route_e() if cache is CacheKind.PER_SAMPLE else None
-            gram = tf.cond(tf.cast(m, tf.float64) < threshold, lambda: route_f()[1],
-                           lambda: per_sample.gram_explicit(route_e() if j is None else j))
+            gram = tf.cond(tf.cast(tf.shape(g)[0], tf.float64) < threshold,
+                           lambda: route_f()[1], route_e)
         if cache is CacheKind.PER_SAMPLE:
-            return {"j": route_e() if j is None else j}, gram
-        a = patches(inputs) if a is None else a
+            return {"j": j}, gram
+        if a is None:
+            a = tf.concat([h.input_rows(x) for x in inputs], axis=1)
         if p == 1:  # stored as matrices: the steps between updates then need no slicing
             a, g = a[:, 0], g[:, 0]
         return {"a": a, "g": g}, gram
@@ -539,8 +535,9 @@ class FisherBlock(abc.ABC):
         def reuse():
             if self.joint:  # no Gram on reuse steps: the network keeps its factorization
                 rows = tf.shape(next(iter(cached.values())))[0]
-                return {**cached, "gram": tf.zeros([rows, rows], woodbury.SOLVE_DTYPE)}, tf.constant(0)
-            if not self.adaptive_damping:
+                return ({**cached, "gram": tf.zeros([rows, rows], woodbury.SOLVE_DTYPE)},
+                        tf.constant(0))
+            if not self.adaptive_damping or "cholesky" not in cached:
                 return cached, tf.constant(0)
             lam = self._damping_now()
 
@@ -570,42 +567,52 @@ class FisherBlock(abc.ABC):
             return assign
 
         solve = ("cholesky", "damping", "requested") if (
-            self.adaptive_damping and not self.joint) else ()
+            self.adaptive_damping and not self.joint and "cholesky" in self._cache) else ()
         tf.cond(self.is_update(step), store([k for k in curvature if k in self._cache]),
                 store(solve) if solve else lambda: tf.constant(False))
-
-    def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Uᵀv (m, 1) for v shaped like this block's variables, with the cached per-sample
-        gradients U of `curvature` (factored caches only: the explicit inverse keeps no U)."""
-        return self._project_matrix(self.to_matrix(vectors), curvature)
-
-    def _project_matrix(self, v: tf.Tensor, curvature: dict[str, tf.Tensor]) -> tf.Tensor:
-        c = curvature
-        with tf.name_scope("tengrad_project"):
-            if "j" in c:
-                return per_sample.project_explicit(c["j"], v)
-            return per_sample.project_factored(c["a"], c["g"], v)
-
-    def combine(self, s: tf.Tensor, curvature: dict[str, tf.Tensor]) -> tf.Tensor:
-        """U s as one (D_in, D_out) matrix, for s (m, 1) (factored caches only)."""
-        c = curvature
-        with tf.name_scope("tengrad_combine"):
-            if "j" in c:
-                return per_sample.combine_explicit(c["j"], s)
-            return per_sample.combine_factored(c["a"], c["g"], s)
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
         # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
-        c = curvature
+        c, h = curvature, self.helper
         if "inverse" in c:
             with tf.name_scope("tengrad_solve"):
-                v = self.to_matrix(grads)
+                v = h.to_matrix(grads)
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
-                return self.from_matrix(tf.reshape(tf.cast(d, v.dtype), tf.shape(v)))
-        v = self.to_matrix(grads)
-        utv = self._project_matrix(v, c)
+                return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), h.matrix_shape))
+        v = h.to_matrix(grads)
+        utv = self._project(c, v)
+
+        def u_times(s):
+            return self._combine(c, s)
+
         with tf.name_scope("tengrad_solve"):
             damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
-            return self.from_matrix(woodbury.inverse_times(
-                v, utv, lambda s: self.combine(s, c), damped, jit=self.jit_solve))
+            return h.from_matrix(woodbury.inverse_times(v, utv, u_times, damped,
+                                                        jit=self.jit_solve))
+
+    def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
+        """Uᵀv (m, 1) for v shaped like this block's variables, with the per-sample gradients U
+        of `curvature` (factored caches: the explicit inverse keeps no U). The quadratic model
+        of adaptive.py is made of these."""
+        return self._project(curvature, self.helper.to_matrix(vectors))
+
+    # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
+    def _project(self, c: dict[str, tf.Tensor], v: tf.Tensor) -> tf.Tensor:
+        """Uᵀv (m, 1) from the cache, for v as the block's matrix."""
+        with tf.name_scope("tengrad_project"):
+            if "j" in c:
+                return per_sample.project_explicit(c["j"], v)
+            if "tokens" in c:
+                return tokens.project(tf.cast(c["tokens"], tf.int32), c["g"], v)
+            return per_sample.project_factored(c["a"], c["g"], v)
+
+    def _combine(self, c: dict[str, tf.Tensor], s: tf.Tensor) -> tf.Tensor:
+        """U s, shaped like the block's matrix, from the cache."""
+        with tf.name_scope("tengrad_combine"):
+            if "j" in c:
+                return per_sample.combine_explicit(c["j"], s)
+            if "tokens" in c:
+                return tokens.combine(tf.cast(c["tokens"], tf.int32), c["g"], s,
+                                      self.helper.vocabulary)
+            return per_sample.combine_factored(c["a"], c["g"], s)

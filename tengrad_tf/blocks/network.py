@@ -96,13 +96,14 @@ class NetworkSolve:
     def precondition(self, blocks, grads, state) -> list[list[tf.Tensor]]:
         """[(F + λI)⁻¹ g]_b for every block b of `blocks` [(block, its curvature)], with F the
         Fisher of all of them together; `grads`: each block's gradient list."""
-        matrices = [b.to_matrix(g) for (b, _), g in zip(blocks, grads)]
-        projected = tf.add_n([tf.cast(b._project_matrix(v, c), woodbury.SOLVE_DTYPE)
+        matrices = [b.helper.to_matrix(g) for (b, _), g in zip(blocks, grads)]
+        projected = tf.add_n([tf.cast(b._project(c, v), woodbury.SOLVE_DTYPE)
                               for (b, c), v in zip(blocks, matrices)])
         with tf.name_scope("tengrad_solve"):
             c = tf.linalg.cholesky_solve(state["cholesky"], projected)
             lam = state["damping"]
-            return [b.from_matrix((v - b.combine(tf.cast(c, v.dtype), curv)) / tf.cast(lam, v.dtype))
+            return [b.helper.from_matrix((v - b._combine(curv, tf.cast(c, v.dtype)))
+                                         / tf.cast(lam, v.dtype))
                     for (b, curv), v in zip(blocks, matrices)]
 
     def commit(self, keep, state) -> None:

@@ -1,14 +1,18 @@
 """Per-sample gradient algebra for layers whose per-sample gradient is uᵢ = Âᵢᵀ Gᵢ.
 
-Dense (P = 1, or P = the extra axes of a rank > 2 input) and convolutions (P = output positions) share
-one structure: sample i has patch rows Âᵢ (P × D_in, bias column folded in) and output gradients
-Gᵢ (P × D_out), and its gradient is the D_in × D_out matrix Jᵢ = Âᵢᵀ Gᵢ. Everything a Fisher block
-needs is written here once, as pure functions on batched tensors (leading axis = samples):
+Dense and EinsumDense (P = 1, or P = the positions of a rank > 2 input) and convolutions (P = output
+positions) share one structure: sample i has patch rows Âᵢ (P × D_in, bias column folded in) and
+output gradients Gᵢ (P × D_out), and its gradient is the D_in × D_out matrix Jᵢ = Âᵢᵀ Gᵢ.
+Everything a Fisher block needs is written here once, as pure functions on batched tensors
+(leading axis = samples):
 
   gram_factored   K = UᵀU without forming any Jᵢ (route F):  Kᵢⱼ = Σₜₛ (ÂᵢÂⱼᵀ)ₜₛ (GᵢGⱼᵀ)ₜₛ
   per_sample      J, the explicit per-sample gradients (route E), then gram_explicit K = J Jᵀ
   project         Uᵀv: (Uᵀv)ᵢ = ⟨Jᵢ, V⟩, from factors or from J
   combine         U s = Σᵢ sᵢ Jᵢ, from factors or from J
+
+Grouped and depthwise convolutions have one such Jᵢ per group of channels; `per_sample` forms them
+(route E), and the Gram is then J Jᵀ over all groups. Lookup tables (one-hot Â) are in tokens.py.
 
 Memory: route F's pairwise products are m·m·P·P and the patches of a convolution are m·P·D_in, so the
 functions take a `chunk` of samples and never hold more than `chunk` samples' worth of the big
@@ -25,13 +29,14 @@ Tensor = tf.Tensor
 
 
 def map_sample_chunks(
-    fn: Callable[..., Tensor], tensors: list[Tensor], chunk: int | Tensor | None
+    fn: Callable[..., Tensor], tensors: list[Tensor], chunk: int | Tensor | None,
+    dtype: tf.DType | None = None,
 ) -> Tensor:
     """fn over consecutive chunks of `chunk` samples of `tensors`, results concatenated on axis 0.
 
     `chunk=None` (or a static chunk not smaller than the static batch) runs fn once on everything.
     The batch (and the chunk) may be dynamic, so the inputs are padded to a multiple of `chunk` and
-    the padding is cut off again.
+    the padding is cut off again. `dtype`: of fn's result (default: that of `tensors[0]`).
     """
     static_m = tensors[0].shape[0]
     if chunk is None or (isinstance(chunk, int) and static_m is not None and chunk >= static_m):
@@ -46,7 +51,8 @@ def map_sample_chunks(
         pad = [[0, n_chunks * chunk - m]] + [[0, 0]] * (t.shape.rank - 1)
         t = tf.pad(t, pad)
         padded.append(tf.reshape(t, tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0)))
-    out = tf.map_fn(lambda args: fn(*args), tuple(padded), fn_output_signature=tensors[0].dtype)
+    out = tf.map_fn(lambda args: fn(*args), tuple(padded),
+                    fn_output_signature=dtype or tensors[0].dtype)
     out = tf.reshape(out, tf.concat([[n_chunks * chunk], tf.shape(out)[2:]], 0))
     return out[:m]
 
@@ -69,13 +75,15 @@ def per_sample(
     patches: Callable[[list[Tensor]], Tensor], inputs: list[Tensor], g: Tensor,
     chunk: int | None = None,
 ) -> Tensor:
-    """Route E. Jᵢ = Âᵢᵀ Gᵢ for all i: (m, D_in, D_out). Patches are built chunk by chunk.
+    """Route E. Jᵢ = Âᵢᵀ Gᵢ for all i: (m, D_in, D_out), or (m, groups, D_in, D_out) for grouped
+    rows Â (m, P, groups, D_in) and G (m, P, groups, D_out). Patches are built chunk by chunk.
 
     `inputs` are the layer inputs of each call in the step; `patches` turns them into Â.
     """
+    equation = "ipa,ipb->iab" if g.shape.rank == 3 else "ipga,ipgb->igab"
     return map_sample_chunks(
-        lambda *ts: tf.einsum("ipa,ipb->iab", patches(list(ts[:-1])), ts[-1]), [*inputs, g], chunk
-    )
+        lambda *ts: tf.einsum(equation, patches(list(ts[:-1])), ts[-1]), [*inputs, g], chunk,
+        dtype=g.dtype)
 
 
 def gram_explicit(j: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tengrad_tf import TENGraD
-from tengrad_tf.blocks import CacheKind, DenseBlock
+from tengrad_tf.blocks import CacheKind, FisherBlock
 from tengrad_tf.blocks import base
 from tests import reference
 from tests.blocks.test_conv import conv_model, one_step_matches_reference, per_sample_sce
@@ -59,6 +59,6 @@ def test_threshold_picks_the_inverse_only_for_small_blocks(direct_inverse):
     small, large = keras.layers.Dense(32), keras.layers.Dense(64)
     small.build((None, 31))  # d = 32·32 = 1024
     large.build((None, 32))  # d = 33·64
-    assert DenseBlock(small).cache_kind(1) is CacheKind.INVERSE
-    assert DenseBlock(large).cache_kind(1) is CacheKind.FACTORS
+    assert FisherBlock(small).cache_kind(1) is CacheKind.INVERSE
+    assert FisherBlock(large).cache_kind(1) is CacheKind.FACTORS
     assert base.DIRECT_MAX_DIM == 1024

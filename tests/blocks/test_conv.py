@@ -1,4 +1,6 @@
-"""Conv1D/Conv2D blocks against the float64 reference: every padding/stride/dilation/bias case."""
+"""Conv1D/Conv2D blocks against the float64 reference: every padding/stride/dilation/bias case.
+
+Depthwise, grouped, separable, transposed and 3-D convolutions: tests/layers/test_conv.py."""
 
 import itertools
 
@@ -101,10 +103,11 @@ def test_shared_layer_called_twice_is_exact(float64):
 
 
 def test_small_cnn_with_batchnorm_and_pooling(float64):
-    """Conv, BN (inference-mode-free: BN variables first-order), pooling, Dense, through fit.
+    """Conv, BatchNorm (training mode), pooling, Dense, through fit.
 
     BatchNorm in training mode couples the samples, so the reference here uses the convention of
-    DESIGN.md: uᵢ from âᵢ and m·(∂L/∂z)ᵢ of the batch loss, built independently with a tape.
+    DESIGN.md: uᵢ from âᵢ (for BatchNorm: x̂ᵢ, normalized with the batch statistics) and
+    m·(∂L/∂z)ᵢ of the batch loss, built independently with a tape.
     """
     rng = np.random.default_rng(5)
     m = 6
@@ -120,13 +123,13 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
     variables = model.trainable_variables
     with tf.GradientTape(persistent=True) as tape:
         z1 = conv(tf.constant(x))
-        h = model.layers[1](z1, training=True)
+        h = z_bn = model.layers[1](z1, training=True)
         for layer in model.layers[2:-1]:
             h = layer(h)
         z2 = model.layers[-1](h)
         loss = tf.reduce_mean(per_sample_sce(y, z2))
     grads = dict(zip([v.path for v in variables], tape.gradient(loss, variables)))
-    g1, g2 = (m * t.numpy() for t in tape.gradient(loss, [z1, z2]))
+    g1, g2, g_bn = (m * t.numpy() for t in tape.gradient(loss, [z1, z2, z_bn]))
     patches = tf.image.extract_patches(tf.constant(x), [1, 3, 3, 1], [1, 1, 1, 1], [1, 1, 1, 1],
                                        "SAME").numpy().reshape(m, 36, 9)
     u1 = np.einsum("ipa,ipb->iab", np.concatenate([patches, np.ones((m, 36, 1))], 2),
@@ -140,10 +143,18 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
         d = np.linalg.solve(u.T @ u / m + 0.05 * np.eye(u.shape[1]), g).reshape(-1, gk.shape[-1])
         return {kernel.path: d[:-1].ravel(), bias.path: d[-1]}
 
+    bn = model.layers[1]
+    mean, var = z1.numpy().mean(axis=(0, 1, 2)), z1.numpy().var(axis=(0, 1, 2))
+    x_hat = (z1.numpy() - mean) / np.sqrt(var + bn.epsilon)
+    u_bn = np.concatenate([(x_hat * g_bn).sum(axis=(1, 2)), g_bn.sum(axis=(1, 2))], axis=1)
+    g = np.concatenate([grads[bn.gamma.path].numpy(), grads[bn.beta.path].numpy()])
+    d_bn = np.linalg.solve(u_bn.T @ u_bn / m + 0.05 * np.eye(4), g)
+
     dense = model.layers[-1]
     expected = {p: grads[p].numpy().ravel() for p in grads}
     expected.update(direction(u1, conv.kernel, conv.bias))
     expected.update(direction(u2, dense.kernel, dense.bias))
+    expected.update({bn.gamma.path: d_bn[:2], bn.beta.path: d_bn[2:]})
     before = {v.path: v.numpy().ravel() for v in variables}
     opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
                   curvature_update_freq=1, fisher="empirical", first_order="sgd",
@@ -153,18 +164,6 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
     for v in variables:
         np.testing.assert_allclose(v.numpy().ravel(), before[v.path] - 0.125 * expected[v.path],
                                    rtol=1e-9, atol=1e-12, err_msg=v.path)
-    bn = [t for p, t in opt.treatments().items() if "batch_normalization" in p]
-    assert len(bn) == 2 and all(t.startswith("first-order") for t in bn)
-
-
-def test_grouped_and_depthwise_convolutions_are_first_order_with_a_reason():
-    model = keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(4, 3, groups=2),
-                              keras.layers.DepthwiseConv2D(3), keras.layers.Flatten(),
-                              keras.layers.Dense(2)])
-    opt = TENGraD(fisher="empirical")
-    model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(np.zeros((4, 6, 6, 4), "float32"), np.zeros(4), verbose=0)
-    t = opt.treatments()
-    assert "grouped convolution" in t[model.layers[0].kernel.path]
-    assert t[model.layers[1].kernel.path].startswith("first-order")
-    assert t[model.layers[3].kernel.path].startswith("Dense block")
+    bn_treatments = [t for p, t in opt.treatments().items() if "batch_normalization" in p]
+    assert len(bn_treatments) == 2
+    assert all(t.startswith("BatchNormalization block") for t in bn_treatments)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tengrad_tf.blocks import CacheKind, ConvBlock, DenseBlock, per_sample
+from tengrad_tf.blocks import CacheKind, FisherBlock, per_sample
 
 
 def factors(m=5, p=7, d_in=4, d_out=3, seed=0):
@@ -72,7 +72,7 @@ def test_cost_model_switches_where_the_arithmetic_says():
     late.build((None, 3, 3, 128))
     early = keras.layers.Conv2D(128, 3, padding="same")
     early.build((None, 28, 28, 128))
-    late_block, early_block = ConvBlock(late, 2**28), ConvBlock(early, 2**28)
+    late_block, early_block = FisherBlock(late, 2**28), FisherBlock(early, 2**28)
     m = 128
     for block, p in ((late_block, 9), (early_block, 784)):
         cache = block.cache_kind(p)
@@ -85,4 +85,4 @@ def test_cost_model_switches_where_the_arithmetic_says():
     assert early_block.factored_threshold(784, early_block.cache_kind(784)) < m
     dense = keras.layers.Dense(10)
     dense.build((None, 500))
-    assert DenseBlock(dense, 2**28).cache_kind(1) is CacheKind.FACTORS
+    assert FisherBlock(dense, 2**28).cache_kind(1) is CacheKind.FACTORS
