@@ -76,16 +76,18 @@ def inputs(model_name: str, shape: tuple, rng) -> np.ndarray:
 
 
 def optimizer(name: str):
-    """"sgd", "adam", "tengrad-<fisher>-f<freq>", or "kfac-<fisher>" (its default 20/100 schedule)."""
+    """"sgd", "adam", "tengrad-<fisher>-f<freq>" (at the other defaults: adaptive damping on;
+    "tengrad-<fisher>-f<freq>-fixed": a fixed damping), or "kfac-<fisher>" (its default 20/100
+    schedule)."""
     if name == "sgd":
         return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
     if name == "adam":
         return keras.optimizers.Adam()
     if name.startswith("kfac"):
         return KFAC(learning_rate=0.003, damping=0.1, fisher=name.split("-")[1])
-    _, fisher, freq = name.split("-")
+    _, fisher, freq, *rest = name.split("-")
     return TENGraD(learning_rate=0.003, damping=0.1, fisher=fisher,
-                   curvature_update_freq=int(freq[1:]))
+                   curvature_update_freq=int(freq[1:]), adaptive_damping=rest != ["fixed"])
 
 
 class StepTimer(keras.callbacks.Callback):

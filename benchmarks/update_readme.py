@@ -1,8 +1,9 @@
-"""Regenerate the README's benchmark tables from the committed JSON results (never by hand).
+"""Regenerate the benchmark tables of README.md and docs/*.md from the committed JSON results
+(never by hand).
 
     python benchmarks/update_readme.py
 
-Each table sits between `<!-- name -->` and `<!-- /name -->` in README.md.
+Each table sits between `<!-- name -->` and `<!-- /name -->`, in whichever document holds them.
 """
 
 from __future__ import annotations
@@ -62,20 +63,29 @@ def extra_tables() -> dict:
         return {}
 
 
+def documents() -> list[str]:
+    """README.md and the pages under docs/: wherever a table's markers are."""
+    docs = os.path.join(ROOT, "docs")
+    return [os.path.join(ROOT, "README.md")] + sorted(
+        os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
+
+
 def main():
-    readme_path = os.path.join(ROOT, "README.md")
-    readme = open(readme_path).read()
-    for name, render in {**TABLES, **extra_tables()}.items():
-        path = os.path.join(RESULTS, f"{name}.json")
-        if not os.path.exists(path) or f"<!-- {name} -->" not in readme:
-            continue
-        with open(path) as f:
-            table = render(json.load(f))
-        readme = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->",
-                        lambda _: f"<!-- {name} -->\n{table}<!-- /{name} -->", readme, flags=re.S)
-        print(f"updated table {name} from {path}")
-    with open(readme_path, "w") as f:
-        f.write(readme)
+    tables = {**TABLES, **extra_tables()}
+    for path in documents():
+        text = original = open(path).read()
+        for name, render in tables.items():
+            result = os.path.join(RESULTS, f"{name}.json")
+            if not os.path.exists(result) or f"<!-- {name} -->" not in text:
+                continue
+            with open(result) as f:
+                table = render(json.load(f))
+            text = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->",
+                          lambda _: f"<!-- {name} -->\n{table}<!-- /{name} -->", text, flags=re.S)
+            print(f"updated table {name} in {os.path.relpath(path, ROOT)} from {result}")
+        if text != original:
+            with open(path, "w") as f:
+                f.write(text)
 
 
 if __name__ == "__main__":
