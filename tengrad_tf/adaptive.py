@@ -48,10 +48,11 @@ class Subspace:
     gradient: tf.Tensor
 
     @classmethod
-    def of(cls, blocks, d, p, g) -> "Subspace":
+    def of(cls, blocks, d, p, g, samples=None) -> "Subspace":
         """`blocks`: [(project, damping, indices)] with project(vectors) = U_bᵀv (m, 1) over the
         block's variables (None for a block with F = 0), damping its λ (float64 scalar) and
-        indices its variables' positions in the lists d, p, g."""
+        indices its variables' positions in the lists d, p, g. `samples`: m, when the
+        projections have zero-padded rows beyond it (None: their length)."""
         u_d, u_p, terms = [], [], []
         for project, damping, ids in blocks:
             db, pb, gb = [d[i] for i in ids], [p[i] for i in ids], [g[i] for i in ids]
@@ -63,7 +64,7 @@ class Subspace:
         dd, dp, pp, gd, gp = tf.unstack(tf.add_n(terms))
         if u_d:
             u_d, u_p = tf.add_n(u_d), tf.add_n(u_p)
-            m = tf.cast(tf.shape(u_d)[0], F64)
+            m = tf.cast(tf.shape(u_d)[0] if samples is None else samples, F64)
             dd += tf.reduce_sum(u_d * u_d) / m
             dp += tf.reduce_sum(u_d * u_p) / m
             pp += tf.reduce_sum(u_p * u_p) / m

@@ -47,6 +47,9 @@ class TENGraD(PreconditionedOptimizer):
             the training labels (free).
         curvature_update_freq: recompute factors, Gram and Cholesky every this many steps, and
             precondition with the cached ones in between.
+        curvature_batches: k ≥ 1. Each block's Fisher is the exact one of the samples of the last
+            k curvature updates together (a k·m Gram; the cache holds k batches). k = 1 measured
+            as good or better (docs/step.md, "Several batches").
         kl_clip: κ > 0 for KL clipping of the step, or None to disable.
         memory_budget: bytes one chunk of the convolution Gram routes may use.
         max_damping_retries: how often an indefinite Gram is refactorized with 10× more damping.
@@ -86,6 +89,7 @@ class TENGraD(PreconditionedOptimizer):
         weight_decay=None,
         fisher="true",
         curvature_update_freq=100,
+        curvature_batches=1,
         kl_clip=1e-2,
         first_order="adam",
         first_order_learning_rate=1e-3,
@@ -115,6 +119,8 @@ class TENGraD(PreconditionedOptimizer):
               f"expected one of {FISHER_BLOCKS}")
         check("curvature_update_freq", curvature_update_freq, is_int(curvature_update_freq, 1),
               "expected an int >= 1")
+        check("curvature_batches", curvature_batches, is_int(curvature_batches, 1),
+              "expected an int >= 1")
         check("memory_budget", memory_budget, is_int(memory_budget, 2**20),
               "expected an int number of bytes >= 1 MiB")
         check("max_damping_retries", max_damping_retries, is_int(max_damping_retries, 0),
@@ -138,6 +144,7 @@ class TENGraD(PreconditionedOptimizer):
         self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.fisher_blocks = fisher_blocks
         self.curvature_update_freq = int(curvature_update_freq)
+        self.curvature_batches = int(curvature_batches)
         self.memory_budget = int(memory_budget)
         self.max_damping_retries = int(max_damping_retries)
         self.jit_solve = jit_solve
@@ -149,7 +156,8 @@ class TENGraD(PreconditionedOptimizer):
             damping=self.damping_variable if self.adaptive_damping else self.damping,
             update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
-            adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network")
+            adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
+            curvature_batches=self.curvature_batches)
 
     def _make_network_solve(self):
         return NetworkSolve(self.damping_variable if self.adaptive_damping else self.damping,
@@ -173,6 +181,7 @@ class TENGraD(PreconditionedOptimizer):
             "damping_adaptation_interval": self.damping_adaptation_interval,
             "fisher_blocks": self.fisher_blocks,
             "curvature_update_freq": self.curvature_update_freq,
+            "curvature_batches": self.curvature_batches,
             "memory_budget": self.memory_budget,
             "max_damping_retries": self.max_damping_retries,
             "jit_solve": self.jit_solve,

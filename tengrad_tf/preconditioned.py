@@ -328,10 +328,13 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             if self.first_order != FIRST_ORDER_ADAM:  # variables with F = 0: C = λI
                 modelled += [(None, self._damping_tensor(), [i]) for i in first_order]
 
+        # m of the projections U_bᵀv, which are zero-padded when the cache's capacity is fixed.
+        samples = next((c["samples"] for _, _, c in parts if "samples" in c), None)
+
         def subspace(directions):
             previous = [tf.cast(slots[i], grads[i].dtype) if i in slots else None
                         for i in range(len(grads))]
-            return adaptive.Subspace.of(modelled, directions, previous, grads)
+            return adaptive.Subspace.of(modelled, directions, previous, grads, samples)
 
         with tf.name_scope("tengrad_kl_clip"):
             if self.adaptive_learning_rate and parts:
@@ -619,7 +622,8 @@ class PreconditionedOptimizer(keras.optimizers.Optimizer):
             self._network = self._make_network_solve()
             self._network.state_listener = self._block_state_created
         grams = [c["gram"] for _, _, c in parts]
-        samples = tf.shape(work[0][3][0])[0]  # this step's m (the Grams may be padded)
+        # m: this step's (the Grams may be padded), or the blocks' window of several batches.
+        samples = parts[0][2].get("samples", tf.shape(work[0][3][0])[0])
         state, tries = self._network.curvature(fresh, grams, samples, parts[0][0]._capacity)
         return self._network, state, tries
 

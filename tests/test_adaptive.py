@@ -199,3 +199,50 @@ def test_network_fisher_reuses_its_factorization_and_resumes(float64, tmp_path):
     for a, b in zip(resumed.get_weights(), whole.get_weights()):
         np.testing.assert_array_equal(a, b)
     assert resumed.optimizer._network is not None
+
+
+@pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
+def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
+        float64, fisher_blocks):
+    """curvature_batches=2 with curvature updates every 2 steps: each update's Fisher is that of
+    the per-sample gradients of its batch and of the previous update's batch (taken at the weights
+    of their own steps), newest first; the last, smaller batch keeps as many of the previous
+    samples as it has itself. Simulated in numpy with explicit per-sample gradients; k = 1 would
+    miss it by far."""
+    m, lr, damping, k, freq = 8, 0.1, 0.05, 2, 2
+    x, y = data(44, seed=5)  # batches of 8, 8, 8, 8, 8 and 4
+    keras.utils.set_random_seed(0)
+    model = mlp()
+    init = model.get_weights()
+    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
+                  curvature_update_freq=freq, curvature_batches=k, fisher="empirical",
+                  fisher_blocks=fisher_blocks, adaptive_damping=False)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+
+    twin = mlp()
+    twin.set_weights(init)
+    variables = twin.trainable_variables
+    blocks = ([tuple(v for v in variables)] if fisher_blocks == "network" else
+              [tuple(v for v in b if v is not None) for b in reference.layer_blocks(twin)])
+    window, single_batch_differs = None, False
+    for step, start in enumerate(range(0, 44, m)):
+        xb, yb = x[start:start + m], y[start:start + m]
+        rows = reference.per_sample_gradients(twin, xb, yb, per_sample_sce, variables)
+        if step % freq == 0:
+            n = len(xb)
+            window = (rows if window is None else
+                      {p: np.concatenate([rows[p], window[p][:(k - 1) * n]]) for p in rows})
+        for block in blocks:
+            u = [window[v.path] for v in block]
+            g = [rows[v.path].mean(0) for v in block]
+            ds = reference.block_direction(u, g, damping)
+            if step == 2:
+                alone = reference.block_direction([rows[v.path] for v in block], g, damping)
+                single_batch_differs |= (np.linalg.norm(np.concatenate(alone) - np.concatenate(ds))
+                                         > 1e-2 * np.linalg.norm(np.concatenate(ds)))
+            for v, d in zip(block, ds):
+                v.assign(v.numpy() - lr * d.reshape(v.shape))
+    assert single_batch_differs
+    for a, b in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)

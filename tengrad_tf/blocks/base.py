@@ -97,7 +97,8 @@ class FisherBlock:
     def __init__(self, layer: keras.layers.Layer, memory_budget: int = 256 * 2**20,
                  damping: float | tf.Variable = 0.1, update_freq: int = 1, max_retries: int = 6,
                  jit_solve: bool = False, max_batch_size: int | None = None,
-                 adaptive_damping: bool = False, joint: bool = False):
+                 adaptive_damping: bool = False, joint: bool = False,
+                 curvature_batches: int = 1):
         helper = layers.helper_for(layer)
         if helper is None or not helper.captures:
             raise ValueError(f"no exact Fisher block for layer '{layer.name}' "
@@ -113,6 +114,9 @@ class FisherBlock:
         # Part of the whole network's Fisher (blocks/network.py): the block caches what its
         # layer needs and hands over its Gram; the one m × m solve of all blocks is not its own.
         self.joint = bool(joint)
+        # The Fisher of the samples of the last `curvature_batches` curvature updates together
+        # (a window of up to k·m samples, newest first): rank up to k·m instead of m.
+        self.curvature_batches = int(curvature_batches)
         self.update_freq = update_freq
         self.max_retries = max_retries
         # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
@@ -157,11 +161,12 @@ class FisherBlock:
         inputs whose extra axes are dynamic: factors). Lookup tables: token ids and G, P(D + 1),
         against V·D. Grouped convolutions and explicit layers: J. Small blocks
         (d ≤ DIRECT_MAX_DIM) cache their explicit inverse instead, unless the damping adapts (the
-        inverse would have to be rebuilt at every change) or the block is part of the network's
-        one solve."""
+        inverse would have to be rebuilt at every change), the block is part of the network's
+        one solve, or it keeps several batches (the window's samples must be kept)."""
         h = self.helper
         d = h.size
-        if d <= DIRECT_MAX_DIM and not (self.adaptive_damping or self.joint):
+        if d <= DIRECT_MAX_DIM and not (self.adaptive_damping or self.joint
+                                        or self.curvature_batches > 1):
             return CacheKind.INVERSE
         if h.structure is Structure.TOKENS:
             return (CacheKind.TOKENS if p is None or p * (h.d_out + 1) <= d
@@ -250,8 +255,10 @@ class FisherBlock:
             solve_state = {"inverse": [h.size] * 2}
         else:
             solve_state = {"cholesky": [capacity, capacity]}
-            if self.adaptive_damping:  # K, the λ it was factorized for, m (K may be padded)
-                solve_state.update(gram=[capacity, capacity], requested=[], samples=[])
+            if self.adaptive_damping:  # K and the λ it was factorized for
+                solve_state.update(gram=[capacity, capacity], requested=[])
+        if "cholesky" in solve_state and self.adaptive_damping or self.curvature_batches > 1:
+            solve_state["samples"] = []  # m, the real samples (the cache may be zero-padded)
 
         def var(name, shape, dtype):
             initial = [0 if d is None else d for d in shape]
@@ -285,7 +292,8 @@ class FisherBlock:
     @property
     def state_variables(self) -> dict[str, tf.Variable]:
         """The cache ("a" and "g", "j", or "tokens" and "g", with "cholesky"; or "inverse";
-        "damping") and "filled"; {} before the first trace."""
+        "damping"; "gram", "requested" and "samples" when they are kept) and "filled"; {} before
+        the first trace."""
         if self._cache is None:
             return {}
         return {**self._cache, "filled": self._filled}
@@ -381,7 +389,12 @@ class FisherBlock:
             with tf.name_scope("tengrad_inverse"):
                 return self._explicit_inverse(inputs, output_grads)
         with tf.name_scope("tengrad_gram"):
-            state, gram = self._cache_and_gram(cache, inputs, output_grads)
+            if self.curvature_batches > 1:
+                state = self._window(self._cache_fields(cache, inputs, output_grads))
+                gram = self._gram_of_fields(state)
+                state["samples"] = tf.cast(tf.shape(gram)[0], woodbury.SOLVE_DTYPE)
+            else:
+                state, gram = self._cache_and_gram(cache, inputs, output_grads)
         if self.joint:  # factorized with the other blocks' Grams (blocks/network.py)
             state["gram"] = tf.cast(gram, woodbury.SOLVE_DTYPE)
             return state, tf.constant(0)
@@ -393,6 +406,40 @@ class FisherBlock:
             state.update(gram=tf.cast(gram, woodbury.SOLVE_DTYPE), requested=lam,
                          samples=tf.cast(tf.shape(gram)[0], woodbury.SOLVE_DTYPE))
         return state, damped.retries
+
+    # ---- several batches (curvature_batches = k) ------------------------------------------------
+    def _cache_fields(self, cache: CacheKind, inputs, output_grads) -> dict[str, tf.Tensor]:
+        """This batch's cache fields, laid out as stored, without a Gram."""
+        h = self.helper
+        if cache is CacheKind.TOKENS:
+            ids = tf.concat([h.tokens(x) for x in inputs], axis=1)
+            return {"tokens": tf.cast(ids, self.dtype), "g": self._output_rows(output_grads)}
+        if cache is CacheKind.PER_SAMPLE:
+            return {"j": self._per_sample(inputs, output_grads)}
+        a = tf.concat([h.input_rows(x) for x in inputs], axis=1)
+        g = self._output_rows(output_grads)
+        if self.total_positions(inputs) == 1:
+            a, g = a[:, 0], g[:, 0]
+        return {"a": a, "g": g}
+
+    def _window(self, fresh: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """This batch's samples first, then up to (k − 1)·m of those the cache holds from the
+        previous curvature updates (its real samples, not its zero padding); the oldest go."""
+        m = tf.shape(next(iter(fresh.values())))[0]
+        held = tf.cast(self._cache["samples"], tf.int32)
+        keep = tf.where(self._filled, tf.minimum(held, (self.curvature_batches - 1) * m), 0)
+        return {k: tf.concat([t, self._cache[k][:keep]], axis=0) for k, t in fresh.items()}
+
+    def _gram_of_fields(self, fields: dict[str, tf.Tensor]) -> tf.Tensor:
+        """K = UᵀU over the samples of cache fields (route F for factors: the window's J is never
+        formed)."""
+        if "j" in fields:
+            return per_sample.gram_explicit(fields["j"])
+        g = fields["g"]
+        if "tokens" in fields:
+            return tokens.gram(tf.cast(fields["tokens"], tf.int32), g, self._pair_chunk(g))
+        return per_sample.gram_factored(fields["a"], g,
+                                        None if g.shape.rank == 2 else self._pair_chunk(g))
 
     def _damping_now(self) -> tf.Tensor:
         """λ as a float64 tensor (the optimizer's variable's current value when it adapts)."""
@@ -503,6 +550,8 @@ class FisherBlock:
                     f"than max_batch_size={self.max_batch_size}. Raise max_batch_size to the "
                     "largest batch size used (the global batch under tf.distribute).")
             capacity = self.max_batch_size
+        if capacity is not None:  # the window of curvature_batches batches
+            capacity *= self.curvature_batches
         if capacity is None and _tf_private.in_xla_context():
             # XLA compiles a variable with the shape it has and cannot change it (an assign of
             # another shape fails: "Shape of resource ... cannot be changed after
