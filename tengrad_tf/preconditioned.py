@@ -866,11 +866,14 @@ class _Adaptation:
             new = adaptive.next_damping(lam, rho, opt.damping_adaptation_interval, MIN_DAMPING,
                                         MAX_DAMPING)
             if not opt.adaptive_learning_rate:
-                # With a fixed learning rate λ only ever rises: a small step is always predicted
-                # well (ρ ≈ 1), which would drive λ towards 0 and the direction into the null
-                # space of the stale curvature; λ is there to stop steps that raise the loss.
-                # With learning_rate="auto" it is the model's damping, both ways.
-                new = tf.maximum(new, tf.convert_to_tensor(lam))
+                # With a fixed learning rate λ never goes below the initial one: a small step is
+                # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
+                # into the null space of the stale curvature; λ is there to stop steps that raise
+                # the loss. It comes back down to λ₀ once steps are predicted well again: a
+                # ratchet (λ only rising) let one bad step slow the rest of training (λ 0.1 →
+                # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
+                # model's damping, both ways.
+                new = tf.maximum(new, tf.constant(opt.damping, tf.float64))
             lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
             opt.reduction_ratio.assign(tf.where(go, rho, tf.convert_to_tensor(opt.reduction_ratio)))
 
