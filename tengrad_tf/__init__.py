@@ -2,7 +2,7 @@
 
 from tengrad_tf.optimizer import TENGraD
 from tengrad_tf.kfac import KFAC
-from tengrad_tf.capture import AmbiguousStepError, BindingError
+from tengrad_tf.record import AmbiguousStepError, BindingError
 from tengrad_tf.preconditioned import PreconditionedOptimizer
 from tengrad_tf import callbacks  # tengrad_tf.callbacks.StepCounters after `import tengrad_tf`
 

@@ -22,16 +22,26 @@ G = [dᵀCd, dᵀCp; pᵀCd, pᵀCp] and b = [gᵀd, gᵀp] (`Subspace`). So:
     per-sample directions they share. (With the blocks' own F the minimizer along d would be 1.)
   * adaptive damping (Levenberg–Marquardt, section 6.5): ρ = (h(θ + s) − h(θ)) / M(s) on the same
     batch (replay.py gives h(θ + s)); λ ← λ/ω if ρ < ¼ (λ·10 if the loss went up), λ ← λ·ω if
-    ρ > ¾, with ω = (19/20)^T for adaptation every T steps.
+    ρ > ¾, with ω = (19/20)^T for adaptation every T steps. `DampingAdaptation` is one step of it:
+    h(θ) and M(s) before the update, the replay and the new λ after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import tensorflow as tf
 
+from tengrad_tf import distribute
+from tengrad_tf.first_order import ADAM_EPSILON
+
+if TYPE_CHECKING:  # only its instances are used here
+    from tengrad_tf.replay import LossReplay
+
 F64 = tf.float64
+# Bounds of the adapted damping: far outside any useful value, they only stop a runaway.
+MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
 
 
 def dot(xs, ys) -> tf.Tensor:
@@ -93,8 +103,6 @@ class Subspace:
 
 def adam_model(g, step, velocity, eta) -> tf.Tensor:
     """−gᵀs + ½ sᵀ diag((√v + ε)/η) s for first-order variables stepped by Adam (float64)."""
-    from tengrad_tf.preconditioned import ADAM_EPSILON
-
     terms = []
     for gi, si, vi in zip(g, step, velocity):
         gi, si, vi = tf.cast(gi, F64), tf.cast(si, F64), tf.cast(vi, F64)
@@ -111,3 +119,77 @@ def next_damping(damping, rho, every: int, lowest: float, highest: float) -> tf.
     new = tf.where(~tf.math.is_finite(rho) | (rho < 0.0), lam * 10.0,
                    tf.where(rho < 0.25, lam / omega, tf.where(rho > 0.75, lam * omega, lam)))
     return tf.clip_by_value(new, lowest, highest)
+
+
+@dataclasses.dataclass(eq=False)
+class DampingAdaptation:
+    """One step's damping adaptation, between the model's prediction and the replayed loss."""
+
+    replayer: LossReplay
+    adapt: tf.Tensor  # bool: this step adapts λ
+    h0: tf.Tensor  # h(θ), float64 (0 on other steps)
+    predicted: tf.Tensor  # M(s), float64
+    stepped: list  # (variable, its value before the step, its momentum slot)
+    damping: tf.Variable  # λ, float64
+    interval: int  # damping_adaptation_interval
+    floor: float | None  # a fixed learning rate: λ never falls below λ₀ (else None)
+    reduction_ratio: tf.Variable
+    rejected_steps: tf.Variable
+
+    @classmethod
+    def begin(cls, replayer, adapt, predict, stepped, **variables) -> "DampingAdaptation":
+        """Before the update, on the steps that `adapt`: M(s) (`predict()`), the weights saved to
+        take the step back, and h(θ), the step's recorded loss."""
+        def before():
+            predicted = predict()
+            for v, saved, _ in stepped:
+                saved.assign(v)
+            return replayer.recorded(), predicted
+
+        zero = tf.constant(0.0, F64)
+        h0, predicted = tf.cond(adapt, before, lambda: (zero, zero))
+        return cls(replayer, adapt, h0, predicted, stepped, **variables)
+
+    def finish(self, taken, context) -> None:
+        """After the update: ρ = (h(θ + s) − h(θ)) / M(s), and λ from it (if the step was taken).
+        A step that raised the loss (ρ < 0) is taken back: weights as before it, momentum
+        cleared, counted in `rejected_steps`."""
+        go = tf.logical_and(self.adapt, taken)
+        zero = tf.constant(0.0, F64)
+        with tf.name_scope("tengrad_damping_adaptation"):
+            h0 = self.h0
+            if context is None:
+                h1 = tf.cond(go, self.replayer.evaluate, lambda: zero)
+            else:  # the losses are the replicas' shares of the global mean
+                (h0,) = distribute.all_reduce_sum(context, [h0])
+                # Every replica replays its own inputs (the replayer of the replica that runs the
+                # merge would otherwise be used for all).
+                h1 = distribute.sum_across_replicas_if(
+                    context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
+                    tuple(self.replayer.inputs()), zero)
+            rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
+                                       -tf.ones_like(self.predicted), self.predicted)
+            lam = self.damping
+            new = next_damping(lam, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
+            if self.floor is not None:
+                # With a fixed learning rate λ never goes below the initial one: a small step is
+                # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
+                # into the null space of the stale curvature; λ is there to stop steps that raise
+                # the loss. It comes back down to λ₀ once steps are predicted well again: a
+                # ratchet (λ only rising) let one bad step slow the rest of training (λ 0.1 →
+                # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
+                # model's damping, both ways.
+                new = tf.maximum(new, tf.constant(self.floor, F64))
+            lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
+            self.reduction_ratio.assign(
+                tf.where(go, rho, tf.convert_to_tensor(self.reduction_ratio)))
+
+            def take_back():
+                for v, saved, slot in self.stepped:
+                    v.assign(saved)
+                    slot.assign(tf.zeros_like(slot))
+                self.rejected_steps.assign_add(1)
+                return tf.constant(True)
+
+            rejected = tf.logical_and(go, tf.logical_not(rho >= 0.0))
+            tf.cond(rejected, take_back, lambda: tf.constant(False))

@@ -8,11 +8,10 @@ What it does:
   random crop + horizontal flip).
 * Data is prepared once into an ordinary TFDS data dir (``$TENGRAD_DATA_DIR`` or
   ``~/tensorflow_datasets``) and reused afterwards; ``tfds.load(name, data_dir=...)`` reads it too.
-* Offline sources, tried before any download:
-  - Fashion-MNIST from the Debian package ``dataset-fashion-mnist``. Debian rewrote the gzip
-    headers of the four upstream files; we restore them byte for byte, check them against the
-    checksums TFDS registers, and hand them to the *stock* TFDS builder as manually downloaded
-    files, so the prepared dataset is exactly the stock one.
+* Offline sources (offline.py), tried before any download:
+  - Fashion-MNIST from the Debian package ``dataset-fashion-mnist``, restored byte for byte into
+    the upstream files and handed to the *stock* TFDS builder, so the prepared dataset is exactly
+    the stock one.
   - CIFAR-10/100 from ``.npz`` arrays in ``$TENGRAD_CIFAR_NPZ_DIR`` (``cifar10.npz``: the full
     set, prepared under the stock name ``cifar10``; ``cifar100_small.npz``: a 100/20-per-class
     subset, prepared under the distinct name ``cifar100_small`` so it is never mistaken for the
@@ -27,40 +26,31 @@ offline source for MNIST, and does no validation split or other augmentation pol
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import socket
-import struct
 import tempfile
 import threading
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from tensorflow_datasets.image_classification import cifar as _tfds_cifar
+
+from tengrad_tf import offline
+from tengrad_tf.offline import (DEBIAN_FASHION_MNIST_DIR, ENV_CIFAR_NPZ_DIR,
+                                ENV_FASHION_MNIST_DEBIAN_DIR, DataUnavailableError,
+                                restore_fashion_mnist_gzip)
 
 log = logging.getLogger(__name__)
 
 ENV_DATA_DIR = "TENGRAD_DATA_DIR"
-ENV_CIFAR_NPZ_DIR = "TENGRAD_CIFAR_NPZ_DIR"
-ENV_FASHION_MNIST_DEBIAN_DIR = "TENGRAD_FASHION_MNIST_DEBIAN_DIR"
-DEBIAN_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
-# Upstream gzip MTIMEs of the Fashion-MNIST files (Debian reset them); train vs t10k files.
-_FASHION_MNIST_MTIME = {"train": 1504176606, "t10k": 1504176627}
-_FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte.gz",
-    "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz",
-    "t10k-labels-idx1-ubyte.gz",
-)
-
-
-class DataUnavailableError(RuntimeError):
-    """The dataset is not prepared, no offline source exists and the network is unreachable."""
+# The offline sources' settings, error and restore are offline.py's; importable from here too.
+__all__ = ["DEBIAN_FASHION_MNIST_DIR", "ENV_CIFAR_NPZ_DIR", "ENV_DATA_DIR",
+           "ENV_FASHION_MNIST_DEBIAN_DIR", "DataUnavailableError", "DatasetSpec",
+           "default_data_dir", "info", "load", "num_examples", "prepare",
+           "restore_fashion_mnist_gzip", "synthetic_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,118 +89,6 @@ def info(name: str) -> DatasetSpec:
 def default_data_dir() -> Path:
     """``$TENGRAD_DATA_DIR`` if set, else the TFDS default ``~/tensorflow_datasets``."""
     return Path(os.environ.get(ENV_DATA_DIR) or "~/tensorflow_datasets").expanduser()
-
-
-# ----------------------------------------------------------------------------- Fashion-MNIST
-
-
-def _registered_url_infos(name: str) -> dict[str, "tfds.core.download.checksums.UrlInfo"]:
-    """TFDS's registered checksums for the stock builder, keyed by file name."""
-    return {i.filename: i for i in (tfds.builder_cls(name).url_infos or {}).values()}
-
-
-def _restore_gzip_header(raw: bytes, filename: str) -> bytes:
-    """Put back the FNAME field and MTIME that Debian's repack dropped (RFC 1952 header)."""
-    if raw[:3] != b"\x1f\x8b\x08":
-        raise ValueError(f"{filename}: not a deflate gzip file")
-    flg = raw[3]
-    if flg & 0x08:  # already carries a name: leave untouched, the checksum decides
-        return raw
-    if flg & 0x1F:  # FTEXT/FHCRC/FEXTRA/FCOMMENT would move where FNAME goes; Debian sets none
-        raise ValueError(f"{filename}: unexpected gzip flags {flg:#04x}")
-    mtime = _FASHION_MNIST_MTIME[filename.split("-", 1)[0]]
-    # XFL and OS (bytes 8-9) are kept: Debian left them as upstream had them (0, 3=Unix).
-    name = filename[: -len(".gz")].encode("latin-1") + b"\0"
-    return raw[:3] + bytes([flg | 0x08]) + struct.pack("<I", mtime) + raw[8:10] + name + raw[10:]
-
-
-def restore_fashion_mnist_gzip(src_dir: str | os.PathLike,
-                               dst_dir: str | os.PathLike) -> list[Path]:
-    """Copy Debian's Fashion-MNIST ``.gz`` files to ``dst_dir`` with the upstream gzip header.
-
-    Every written file is verified against the sha256 that TFDS registers for the upstream
-    download; a mismatch raises ``DataUnavailableError`` and leaves no file behind.
-    """
-    src, dst = Path(src_dir), Path(dst_dir)
-    expected = _registered_url_infos("fashion_mnist")
-    dst.mkdir(parents=True, exist_ok=True)
-    out = []
-    for fname in _FASHION_MNIST_FILES:
-        target, want = dst / fname, expected[fname].checksum
-        if target.exists() and hashlib.sha256(target.read_bytes()).hexdigest() == want:
-            out.append(target)
-            continue
-        data = _restore_gzip_header((src / fname).read_bytes(), fname)
-        got = hashlib.sha256(data).hexdigest()
-        if got != want:
-            raise DataUnavailableError(
-                f"{src / fname}: restored gzip has sha256 {got}, TFDS expects {want}; "
-                "the Debian package no longer matches the upstream Fashion-MNIST files")
-        tmp = target.with_suffix(".tmp")  # write-then-rename: never leave a half file
-        tmp.write_bytes(data)
-        tmp.replace(target)
-        out.append(target)
-    return out
-
-
-def _debian_fashion_mnist_dir(debian_dir: str | os.PathLike | None) -> Path | None:
-    d = Path(debian_dir or os.environ.get(ENV_FASHION_MNIST_DEBIAN_DIR) or DEBIAN_FASHION_MNIST_DIR)
-    return d if all((d / f).is_file() for f in _FASHION_MNIST_FILES) else None
-
-
-# ----------------------------------------------------------------------------- CIFAR from npz
-
-
-class _NpzCifarMixin:
-    """Generates the stock CIFAR features from ``.npz`` arrays instead of the binary tarball."""
-
-    npz_path: Path  # set on the instance before download_and_prepare
-    _NOTE = ""
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        stock = super()._info()  # type: ignore[misc]
-        return tfds.core.DatasetInfo(
-            builder=self, description=stock.description + self._NOTE, features=stock.features,
-            supervised_keys=stock.supervised_keys, homepage=stock.homepage,
-            citation=stock.citation)
-
-    def _split_generators(self, dl_manager):  # noqa: ARG002 - nothing to download
-        arrays = dict(np.load(self.npz_path))
-        self.info.features["label"].names = [str(s) for s in arrays["label_names"]]
-        if "coarse_label" in self.info.features:
-            names = arrays["coarse_label_names"]
-            self.info.features["coarse_label"].names = [str(s) for s in names]
-        return {tfds.Split.TRAIN: self._generate_examples("train_", arrays, "train"),
-                tfds.Split.TEST: self._generate_examples("test_", arrays, "test")}
-
-    def _generate_examples(self, prefix: str, arrays: dict, split: str) -> Iterator:
-        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
-        coarse = arrays.get(f"y_{split}_coarse") if "coarse_label" in self.info.features else None
-        for i in range(len(x)):
-            ex = {"id": f"{prefix}{i:05d}", "image": x[i], "label": int(y[i])}
-            if coarse is not None:
-                ex["coarse_label"] = int(coarse[i])
-            yield i, ex
-
-
-class _Cifar10Npz(_NpzCifarMixin, _tfds_cifar.Cifar10, skip_registration=True):
-    # Same name and version as the stock builder: the npz holds the complete, unaltered set,
-    # so ``tfds.load('cifar10', data_dir=...)`` must find it afterwards.
-    name = "cifar10"
-    _NOTE = ("\n\nGenerated offline from cifar10.npz (full set; file order shuffled, "
-             "ids renumbered).")
-
-
-class _Cifar100SmallNpz(_NpzCifarMixin, _tfds_cifar.Cifar100, skip_registration=True):
-    # A distinct name and version: this is a subset, and must never pass for the stock cifar100.
-    name = "cifar100_small"
-    VERSION = tfds.core.Version("1.0.0")
-    _NOTE = ("\n\nSUBSET generated offline from cifar100_small.npz: 100 train / 20 test images per "
-             "fine class (10000 / 2000), not the full 50000 / 10000.")
-
-
-_NPZ_BUILDERS = {"cifar10": (_Cifar10Npz, "cifar10.npz"),
-                 "cifar100": (_Cifar100SmallNpz, "cifar100_small.npz")}
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -280,17 +158,17 @@ def prepare(name: str, data_dir: str | os.PathLike | None = None, *,
 
     if name == "fashion_mnist":
         manual = data_dir / "manual" / "fashion_mnist"
-        if not all((manual / f).is_file() for f in _FASHION_MNIST_FILES):
-            if (deb := _debian_fashion_mnist_dir(debian_dir)) is not None:
-                restore_fashion_mnist_gzip(deb, manual)
-        if all((manual / f).is_file() for f in _FASHION_MNIST_FILES):
+        if not all((manual / f).is_file() for f in offline.FASHION_MNIST_FILES):
+            if (deb := offline.debian_fashion_mnist_dir(debian_dir)) is not None:
+                offline.restore_fashion_mnist_gzip(deb, manual)
+        if all((manual / f).is_file() for f in offline.FASHION_MNIST_FILES):
             # The stock DownloadManager takes a file named like the registered download from
             # manual_dir, checks its sha256 and skips the download: the stock builder, offline.
             _offline_prepare(builder, manual)
             return builder
 
-    if name in _NPZ_BUILDERS:
-        cls, fname = _NPZ_BUILDERS[name]
+    if name in offline.NPZ_BUILDERS:
+        cls, fname = offline.NPZ_BUILDERS[name]
         npz_builder = cls(data_dir=os.fspath(data_dir))
         npz = Path(npz_dir or os.environ.get(ENV_CIFAR_NPZ_DIR) or "/nonexistent") / fname
         if not _is_prepared(npz_builder) and npz.is_file():

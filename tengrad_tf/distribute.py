@@ -48,6 +48,17 @@ REPLICA_LOCAL = dict(synchronization=tf.VariableSynchronization.ON_READ,
                      aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
 
 
+def assign_on_every_replica(variable: tf.Variable, value) -> None:
+    """`variable.assign(value)` on every local replica's copy.
+
+    A block's saved state is restored while a step is traced in one replica's context, where the
+    assign of a replica-local variable would set that replica's copy only. Without a strategy this
+    is a plain assign.
+    """
+    for local in tf.distribute.get_strategy().experimental_local_results(variable):
+        local.assign(value)
+
+
 class DistributionError(RuntimeError):
     """The optimizer was used with a tf.distribute setup it does not support."""
 

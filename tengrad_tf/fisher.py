@@ -21,6 +21,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from tengrad_tf import _tf_private, capture
+
 EMPIRICAL = "empirical"
 TRUE = "true"
 FISHER_TYPES = (TRUE, EMPIRICAL)
@@ -154,8 +156,6 @@ def _sampled_loss(call, y_hat) -> tf.Tensor:
     ℓᵢ = (1/T) Σₜ ℓᵢₜ, the share of sample i in the batch loss times m, which is also what the
     empirical Fisher's ∂ℓᵢ/∂z = m·(∂L/∂z)ᵢ differentiates. A "sum" reduction needs no factor.
     """
-    from tengrad_tf import _tf_private, capture  # capture imports the layers; avoid a cycle
-
     y_pred = call.y_pred
     if call.mask is not None and _tf_private.keras_mask(y_pred) is None:
         y_pred = tf.identity(y_pred)  # a gated copy lost the attribute: give it back

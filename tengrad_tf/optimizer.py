@@ -1,9 +1,9 @@
 """TENGraD, the Keras optimizer: its hyperparameters and its blocks.
 
-The step rule, binding and state shared with the K-FAC baseline are in preconditioned.py; the exact
-Fisher blocks are in blocks/. Every `curvature_update_freq` steps each block recomputes its Gram and
-Cholesky factor from the step's captured factors; in between it preconditions new gradients with the
-cached ones.
+The step rule, binding and state shared with the K-FAC baseline are in preconditioned.py (and the
+modules it names); the exact Fisher blocks are in blocks/. Every `curvature_update_freq` steps each
+block recomputes its Gram and Cholesky factor from the step's captured factors; in between it
+preconditions new gradients with the cached ones.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ import tensorflow as tf
 
 from tengrad_tf.blocks import FisherBlock
 from tengrad_tf.blocks.network import NetworkSolve
+from tengrad_tf.preconditioned import PreconditionedOptimizer
+from tengrad_tf.record import BindingError
+from tengrad_tf.validation import check, is_int, is_number
 
 # fisher_blocks: one Fisher block per layer (block-diagonal), or all layers' in one (network.py).
 FISHER_BLOCKS = ("layer", "network")
-from tengrad_tf.preconditioned import BindingError, PreconditionedOptimizer, check, is_int, is_number
 
 __all__ = ["BindingError", "TENGraD"]
 
@@ -155,14 +157,17 @@ class TENGraD(PreconditionedOptimizer):
         return FisherBlock(
             layer, memory_budget=self.memory_budget,
             damping=self.damping_variable if self.adaptive_damping else self.damping,
-            update_freq=self.curvature_update_freq, max_retries=self.max_damping_retries,
+            curvature_update_freq=self.curvature_update_freq,
+            max_damping_retries=self.max_damping_retries,
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
             adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
             curvature_batches=self.curvature_batches)
 
     def _make_network_solve(self):
+        if self.fisher_blocks != "network":
+            return None
         return NetworkSolve(self.damping_variable if self.adaptive_damping else self.damping,
-                            max_retries=self.max_damping_retries,
+                            max_damping_retries=self.max_damping_retries,
                             jit_solve=self.resolved_jit_solve(),
                             adaptive_damping=self.adaptive_damping)
 

@@ -3,7 +3,7 @@
 Levenberg–Marquardt damping compares the loss change a step achieved with the change the quadratic
 model predicted, on the same batch: ρ = (h(θ + s) − h(θ)) / M(s). Inside Keras `fit` the optimizer
 has no model and no batch, but capture has both: the outermost model calls of the step
-(`capture.ModelCall`, with their inputs) and the Keras losses (with labels, sample weights and
+(`ModelCall`, with their inputs) and the Keras losses (with labels, sample weights and
 their weights in the differentiated loss). After the update, `LossReplay.evaluate` calls those
 models again on the same inputs, feeding each call's new outputs to the calls that consumed its old
 ones (a GAN's discriminator on the generator's output), and evaluates the same losses on the new
@@ -28,17 +28,18 @@ from typing import Callable
 import tensorflow as tf
 
 from tengrad_tf import capture
+from tengrad_tf.record import LossCall, ModelCall, StepView, depends_on
 
 
 @dataclasses.dataclass(eq=False)
 class LossReplay:
-    model_calls: list[capture.ModelCall]
-    losses: list[capture.LossCall]
+    model_calls: list[ModelCall]
+    losses: list[LossCall]
     weights: list[tf.Tensor]  # float64 weight of each loss in the differentiated total
 
     @classmethod
-    def of(cls, record: capture.StepView, losses: list[capture.LossCall],
-           weight: Callable[[capture.LossCall], tf.Tensor]) -> "LossReplay | str":
+    def of(cls, record: StepView, losses: list[LossCall],
+           weight: Callable[[LossCall], tf.Tensor]) -> "LossReplay | str":
         """The replay of the step's loss, or the reason it cannot be replayed exactly."""
         calls = [c for c in record.record.model_calls if c.model is not None]
         if not losses:
@@ -54,7 +55,7 @@ class LossReplay:
         for c in calls:
             for t in tf.nest.flatten((c.args, c.kwargs)):
                 if (tf.is_symbolic_tensor(t) and id(t) not in outputs and produced
-                        and capture.depends_on([t], set(produced))):
+                        and depends_on([t], set(produced))):
                     return (f"model '{c.model.name}' was called on a tensor computed from another "
                             "model's output by ops in between")
             produced += [t.op for t in tf.nest.flatten(c.outputs) if tf.is_symbolic_tensor(t)]

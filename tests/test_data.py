@@ -125,18 +125,6 @@ def test_info_and_default_data_dir(monkeypatch):
     assert data.default_data_dir() == Path("/nonexistent-home-for-tests/tensorflow_datasets")
 
 
-def test_gzip_header_restore_synthetic():
-    # Same deflate stream; one header as upstream wrote it, one as Debian rewrote it.
-    payload = np.arange(5000, dtype=np.uint8).tobytes()
-    upstream = gzip.compress(payload, compresslevel=6, mtime=1504176606)
-    upstream = upstream[:3] + b"\x08" + upstream[4:10] + b"train-labels-idx1-ubyte\0" + upstream[10:]
-    debian = upstream[:3] + b"\x00" + b"\xed\x0a\xda\x5e" + upstream[8:10] + upstream[34:]
-    restored = data._restore_gzip_header(debian, "train-labels-idx1-ubyte.gz")
-    assert restored == upstream
-    assert gzip.decompress(restored) == payload
-    assert data._restore_gzip_header(upstream, "train-labels-idx1-ubyte.gz") == upstream
-
-
 def test_network_probe_never_hangs():
     t0 = time.perf_counter()
     assert data._network_available("192.0.2.1", 443, timeout=0.5) is False  # TEST-NET-1

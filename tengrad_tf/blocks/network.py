@@ -24,19 +24,20 @@ class NetworkSolve:
     #: The key its state is saved under, beside the blocks' "curvature_<i>".
     key = "curvature_network"
 
-    def __init__(self, damping, max_retries: int = 6, jit_solve: bool = False,
+    def __init__(self, damping, max_damping_retries: int = 6, jit_solve: bool = False,
                  adaptive_damping: bool = False):
         self.damping = damping
-        self.max_retries = max_retries
+        self.max_damping_retries = max_damping_retries
         self.jit_solve = jit_solve
         self.adaptive_damping = adaptive_damping
         self._cache: dict[str, tf.Variable] | None = None
-        self.state_listener = None
 
-    # ---- state -----------------------------------------------------------------------------
-    def _ensure_cache(self, capacity: int | None) -> None:
+    # ---- state (saved and restored with the optimizer, as a block's) -------------------------
+    def prepare(self, capacity: int | None) -> bool:
+        """Create the factorization's variables for `capacity` samples (the blocks' cache
+        capacity; None: dynamic), once. True if this call created them."""
         if self._cache is not None:
-            return
+            return False
         names = ["cholesky"] + (["gram"] if self.adaptive_damping else [])
 
         def var(name, shape):
@@ -48,8 +49,7 @@ class NetworkSolve:
             self._cache = {n: var(n, [capacity, capacity]) for n in names}
             scalars = ["damping"] + (["requested", "samples"] if self.adaptive_damping else [])
             self._cache.update({n: var(n, []) for n in scalars})
-            if self.state_listener is not None:
-                self.state_listener(self)
+        return True
 
     @property
     def state_variables(self) -> dict[str, tf.Variable]:
@@ -66,17 +66,16 @@ class NetworkSolve:
         """Nothing to forget: the blocks' `filled` flags make the next step a curvature update."""
 
     # ---- the solve -----------------------------------------------------------------------
-    def curvature(self, fresh, grams: list[tf.Tensor], samples, capacity):
+    def curvature(self, fresh, grams: list[tf.Tensor], samples):
         """The factorization of mλI + Σ_b K_b: computed from this step's Grams when `fresh`,
         else the cached one (refactorized from the cached Gram if an adaptive λ changed).
         `samples`: m (the Grams may be zero-padded to the cache's capacity)."""
-        self._ensure_cache(capacity)
         lam = tf.cast(tf.convert_to_tensor(self.damping, dtype_hint=woodbury.SOLVE_DTYPE),
                       woodbury.SOLVE_DTYPE)
         cached = {k: v.read_value() for k, v in self._cache.items()}
 
         def factorize(gram, m):
-            damped = woodbury.factorize(gram, lam, self.max_retries, jit=self.jit_solve,
+            damped = woodbury.factorize(gram, lam, self.max_damping_retries, jit=self.jit_solve,
                                         samples=m)
             state = {"cholesky": damped.cholesky, "damping": damped.damping}
             if self.adaptive_damping:

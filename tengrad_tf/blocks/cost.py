@@ -1,0 +1,81 @@
+"""The cost model of a Fisher block: what to cache between updates, and which Gram route is cheaper.
+
+Pure functions of the layer's helper (its structure and dimensions) and P, the patch rows per sample
+(None when dynamic). The flop counts are those of docs/DESIGN.md:
+  * cache: the smaller of the factors (Â, G), P(D_in + D_out) per sample, and the explicit
+    per-sample gradient J, D_in·D_out; for lookup tables the token ids and G, P(D + 1), against
+    V·D; layers with explicit uᵢ (and grouped convolutions) cache J; small blocks their inverse.
+  * route: F costs m²P²(D_in + D_out), E costs mPD_inD_out + m²D_inD_out, so F is cheaper below a
+    threshold on the batch size m.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+from tengrad_tf.layers import Structure
+
+
+class CacheKind(str, enum.Enum):
+    FACTORS = "factors"  # Â (m, P, D_in) and G (m, P, D_out)
+    PER_SAMPLE = "per-sample gradients"  # J (m, *matrix): (m, D_in, D_out) for Kronecker layers
+    TOKENS = "token ids and output gradients"  # (m, P) ids and G (m, P, D): lookup tables
+    INVERSE = "the explicit inverse (F + λI)⁻¹"  # (d, d): small blocks only
+
+
+def is_kronecker(helper) -> bool:
+    """One Kronecker structure (Dense, EinsumDense, convolutions): routes F and E both exist."""
+    return helper.structure is Structure.KRONECKER and helper.groups == 1
+
+
+def cache_kind(helper, p: int | None, inverse: bool) -> CacheKind:
+    """What to keep between curvature updates. `inverse`: the block may keep its explicit inverse
+    (it is small, and nothing needs its per-sample gradients between updates)."""
+    if inverse:
+        return CacheKind.INVERSE
+    d = helper.size
+    if helper.structure is Structure.TOKENS:
+        return (CacheKind.TOKENS if p is None or p * (helper.d_out + 1) <= d
+                else CacheKind.PER_SAMPLE)
+    if not is_kronecker(helper):
+        return CacheKind.PER_SAMPLE
+    if p is None or p * (helper.d_in + helper.d_out) <= d:
+        return CacheKind.FACTORS
+    return CacheKind.PER_SAMPLE
+
+
+def factored_threshold(helper, p: int | None, cache: CacheKind) -> float:
+    """Route F is cheaper than route E iff m < this threshold (inf: always; 0: never).
+
+    If J must be cached anyway, E's first term is paid by both routes and drops out of the
+    comparison. Layers that are not one Kronecker structure have route E only.
+    """
+    if not is_kronecker(helper):
+        return 0.0
+    if p is None or p == 1:
+        return math.inf
+    dd = helper.d_in * helper.d_out
+    f_per_m2 = p * p * (helper.d_in + helper.d_out)
+    e_per_m = 0 if cache is CacheKind.PER_SAMPLE else p * dd
+    if f_per_m2 <= dd:
+        return math.inf
+    return e_per_m / (f_per_m2 - dd)
+
+
+def route(d: int, cache: CacheKind, threshold: float) -> str:
+    """How the curvature is computed, in words, for `summary()`."""
+    if cache is CacheKind.INVERSE:
+        return f"direct {d}×{d} solve when the batch has at least {d} samples, else Woodbury"
+    if cache is CacheKind.TOKENS:
+        return "Gram from token matches"
+    if threshold == math.inf:
+        return "Gram route F"
+    if threshold < 1:
+        return "Gram route E"
+    return f"Gram route F for batch < {threshold:.0f}, else E"
+
+
+def chunk(memory_budget: int, per_sample_bytes: int) -> int:
+    """Samples per chunk so that one chunk's intermediate stays within the memory budget."""
+    return max(1, memory_budget // max(1, per_sample_bytes))

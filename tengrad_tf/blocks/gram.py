@@ -1,0 +1,138 @@
+"""One step's curvature data of a Fisher block: what to cache, and the Gram K = UᵀU, per cache kind.
+
+Pure functions of the layer's helper (its rows and structure), the step's captured inputs and
+per-sample output gradients (one entry per call of the layer: a shared layer contributes every call
+to the same per-sample gradient, rows concatenated along the position axis or explicit per-sample
+gradients summed, which is exact), and the memory budget one chunk of an intermediate may use. The
+math itself is per_sample.py's (Kronecker-structured and explicit per-sample gradients) and
+tokens.py's (lookup tables); this module picks the route and lays the cache out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from tengrad_tf.blocks import cost, per_sample, tokens
+from tengrad_tf.blocks.cost import CacheKind
+from tengrad_tf.layers import Structure
+
+_BYTES = 4  # float32; float64 models double it, which the budget check below ignores
+
+
+def total_positions(helper, inputs: list[tf.Tensor]) -> int | None:
+    """P summed over the layer's calls in a step (None if any is dynamic)."""
+    ps = [helper.positions(x.shape) for x in inputs]
+    return None if None in ps else sum(ps)
+
+
+def input_rows(helper, inputs) -> tf.Tensor:
+    return tf.concat([helper.input_rows(x) for x in inputs], axis=1)
+
+
+def output_rows(helper, output_grads) -> tf.Tensor:
+    return tf.concat([helper.output_rows(dz) for dz in output_grads], axis=1)
+
+
+def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf.Tensor:
+    """J, the explicit per-sample gradients (m, *matrix), chunked over samples."""
+    intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
+    chunk = cost.chunk(memory_budget, _BYTES * intermediate)
+    if helper.structure is Structure.KRONECKER:
+        return per_sample.per_sample(lambda xs: input_rows(helper, xs), inputs,
+                                     output_rows(helper, output_grads), chunk)
+    if helper.structure is Structure.TOKENS:  # small tables only (cost.cache_kind)
+        ids = tf.concat([helper.tokens(x) for x in inputs], axis=1)
+        return tokens.per_sample(ids, output_rows(helper, output_grads), helper.vocabulary)
+    n = len(inputs)
+    return per_sample.map_sample_chunks(
+        lambda *ts: tf.add_n([helper.per_sample_gradients(ts[k], ts[n + k]) for k in range(n)]),
+        [*inputs, *output_grads], chunk, dtype=helper.dtype)
+
+
+def pair_chunk(g: tf.Tensor, memory_budget: int) -> tf.Tensor:
+    """Rows i per chunk of a pairwise Gram: a chunk holds (rows, m, P, P) products, twice; m and P
+    are known at run time only."""
+    m, p_now = tf.shape(g)[0], tf.shape(g)[1]
+    return tf.maximum(1, memory_budget // (_BYTES * 2 * p_now * p_now * m))
+
+
+def cache_fields(helper, cache: CacheKind, inputs, output_grads, memory_budget: int
+                 ) -> dict[str, tf.Tensor]:
+    """This batch's cache fields, laid out as stored, without a Gram."""
+    if cache is CacheKind.TOKENS:
+        ids = tf.concat([helper.tokens(x) for x in inputs], axis=1)
+        return {"tokens": tf.cast(ids, helper.dtype), "g": output_rows(helper, output_grads)}
+    if cache is CacheKind.PER_SAMPLE:
+        return {"j": per_sample_gradients(helper, inputs, output_grads, memory_budget)}
+    a = input_rows(helper, inputs)
+    g = output_rows(helper, output_grads)
+    if total_positions(helper, inputs) == 1:
+        a, g = a[:, 0], g[:, 0]
+    return {"a": a, "g": g}
+
+
+def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int) -> tf.Tensor:
+    """K = UᵀU over the samples of cache fields (route F for factors: J is never formed)."""
+    if "j" in fields:
+        return per_sample.gram_explicit(fields["j"])
+    g = fields["g"]
+    if "tokens" in fields:
+        return tokens.gram(tf.cast(fields["tokens"], tf.int32), g, pair_chunk(g, memory_budget))
+    return per_sample.gram_factored(fields["a"], g,
+                                    None if g.shape.rank == 2 else pair_chunk(g, memory_budget))
+
+
+def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: float,
+                   memory_budget: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    """What to cache ({"a", "g"}, {"j"} or {"tokens", "g"}) and the Gram K = UᵀU, by route F
+    below `threshold` samples and route E above (cost.factored_threshold)."""
+    if cache is CacheKind.TOKENS:
+        ids = tf.concat([helper.tokens(x) for x in inputs], axis=1)
+        g = output_rows(helper, output_grads)
+        cached = {"tokens": tf.cast(ids, helper.dtype), "g": g}
+        return cached, tokens.gram(ids, g, pair_chunk(g, memory_budget))
+    j = (None if cache is CacheKind.FACTORS
+         else per_sample_gradients(helper, inputs, output_grads, memory_budget))
+    if not cost.is_kronecker(helper):
+        return {"j": j}, per_sample.gram_explicit(j)
+    p = total_positions(helper, inputs)
+    g = output_rows(helper, output_grads)
+
+    def route_f():
+        a = input_rows(helper, inputs)
+        return a, per_sample.gram_factored(a, g, pair_chunk(g, memory_budget))
+
+    def route_e():
+        # J is formed in chunks of samples; with a factors cache it is dropped after the Gram.
+        return per_sample.gram_explicit(
+            per_sample_gradients(helper, inputs, output_grads, memory_budget) if j is None else j)
+
+    # The cache (what is smaller to keep) and the Gram route (what is cheaper to compute) are
+    # separate choices: with P > 1 positions, route F's m²P²(D_in + D_out) can exceed route E's
+    # m·P·D_in·D_out + m²·D_in·D_out even when the factors are the smaller cache (a Dense layer on
+    # sequences, a late convolution).
+    a = None
+    if threshold == math.inf:
+        a, gram = route_f()
+    elif threshold < 1:
+        gram = route_e()
+    elif g.shape[0] is not None:
+        # A static batch decides the route here: a tf.cond on a constant predicate would be folded
+        # by grappler, and a pruned branch holding a chunk loop (map_fn) breaks its topological
+        # sort, after which it leaves the step unoptimized.
+        if g.shape[0] < threshold:
+            a, gram = route_f()
+        else:
+            gram = route_e()
+    else:
+        gram = tf.cond(tf.cast(tf.shape(g)[0], tf.float64) < threshold,
+                       lambda: route_f()[1], route_e)
+    if cache is CacheKind.PER_SAMPLE:
+        return {"j": j}, gram
+    if a is None:
+        a = input_rows(helper, inputs)
+    if p == 1:  # stored as matrices: the steps between updates then need no slicing
+        a, g = a[:, 0], g[:, 0]
+    return {"a": a, "g": g}, gram

@@ -1,0 +1,55 @@
+"""One traced step of a preconditioned optimizer, as the stages of `apply` fill it in.
+
+`PreconditionedOptimizer.apply` runs its stages in order (preconditioned.py): bind, curvature and
+directions (directions.py), step length (step_length.py), take or skip. Each reads what the earlier
+ones found from one `Step` and adds its own part; nothing here builds ops but ⟨d, g⟩.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import tensorflow as tf
+
+from tengrad_tf.record import StepView
+
+
+@dataclasses.dataclass(eq=False)
+class Step:
+    """What one traced step has found so far: filled in by the stages of `apply`, in order."""
+
+    record: StepView
+    variables: list
+    grads: list  # the true (unscaled, all-reduced) gradients; None where a variable has none
+    scale: float  # loss_scale_factor (1.0 if none)
+    context: Any  # the replica context under tf.distribute, else None
+    counter: tf.Tensor = None  # the iteration counter, read once
+    fresh: tf.Tensor = None  # bool: some block refreshes its curvature
+    losses: list = None  # the loss calls that reach this optimizer's layers
+    stores: list = dataclasses.field(default_factory=list)  # (block, its curvature)
+    parts: list = dataclasses.field(default_factory=list)  # (block, variable indices, curvature)
+    retries: list = dataclasses.field(default_factory=list)  # damping retries (int32 tensors)
+    network: Any = None  # (NetworkSolve, its curvature) under fisher_blocks="network"
+    directions: list = None
+    first_order: list = None  # indices of the variables without a block that have a gradient
+    d_dot_g: tf.Tensor = None  # ⟨d, g⟩ of the final directions, float64
+    adapting: Any = None  # adaptive.DampingAdaptation of this step, or None
+
+    def index(self) -> dict[int, int]:
+        return {id(v): i for i, v in enumerate(self.variables)}
+
+
+def inner_product(directions, grads) -> tf.Tensor:
+    """⟨d, g⟩ over every variable with a direction, as a float64 scalar.
+
+    Each variable is reduced in its own dtype; the per-variable sums are stacked per dtype and added
+    in float64 (one cast per dtype rather than one per variable: a step's op count is its cost on
+    small models)."""
+    sums: dict[tf.DType, list[tf.Tensor]] = {}
+    for d, g in zip(directions, grads):
+        if d is not None:
+            sums.setdefault(d.dtype, []).append(tf.reduce_sum(d * tf.cast(g, d.dtype)))
+    if not sums:
+        return tf.constant(0.0, tf.float64)
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.stack(s), tf.float64)) for s in sums.values()])
