@@ -1,6 +1,6 @@
 """Short CPU/GPU timing of the XLA choices: TENGraD(jit_solve=...) and compile(jit_compile=...).
 
-Prints a few lines (README, "XLA"):
+Prints a few lines (docs/resuming.md, "XLA"):
   1. the m × m work alone at m = 128 (float64 Cholesky of mλI + K with its retry loop, and the two
      triangular solves), in a tf.function, with and without XLA;
   2. a 3C1F `fit` step at batch 128 (benchmarks/common.py's model, empirical Fisher, curvature
