@@ -294,8 +294,7 @@ def run_one(name: str, seed: int, cfg: dict, test_ds, steps_per_epoch: int,
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    log = TrainingLog(test_ds, steps_per_epoch, cfg["eval_every"],
-                            scratch / f"{name}-{seed}.csv")
+    log = TrainingLog(test_ds, steps_per_epoch, cfg["eval_every"], scratch / f"{name}-{seed}.csv")
     budget = Budget(log, cfg["max_seconds"], cfg["max_steps"], cfg["eval_switch_step"],
                     cfg["eval_every_later"])
     wall0 = time.perf_counter()
