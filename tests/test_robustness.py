@@ -81,6 +81,7 @@ SPECIFIC_BAD = {
               ("adaptive_damping", "yes"), ("damping_adaptation_interval", 0),
               ("fisher_blocks", "all"),
               ("curvature_update_freq", 0), ("curvature_update_freq", 2.5),
+              ("curvature_batches", 0), ("curvature_batches", 1.5),
               ("memory_budget", 1000), ("memory_budget", 2.0**30),
               ("max_damping_retries", -1), ("max_damping_retries", None),
               ("jit_solve", "yes"), ("jit_solve", 1), ("max_batch_size", 0),
