@@ -23,16 +23,15 @@ import os
 import statistics
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import step_time  # noqa: E402
-
 import tensorflow as tf  # noqa: E402
 
+from benchmarks.common import (  # noqa: E402
+    BATCH, RESULTS, Runner, git_commit, report_header, write_report)
 from tengrad_tf import TENGraD, capture  # noqa: E402
 
 
-def capture_ops(runner: step_time.Runner) -> int:
+def capture_ops(runner: Runner) -> int:
     """Capture ops in a trace of the runner's training step made now (Keras does not expose the
     function it traced, and a trace now sees the same capture state as the runner's did)."""
     step = tf.function(runner.model.train_step).get_concrete_function(runner.data.element_spec)
@@ -47,20 +46,20 @@ def main(argv=None):
                         "3c1f runs a tenth)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    commit = step_time.git_commit()
+    commit = git_commit()
 
     results = []
     for model_name in args.models:
         steps = args.steps if model_name == "mlp" else max(1, args.steps // 10)
         gc.collect()
         assert not capture.is_installed(), "a TENGraD is alive before the clean trace"
-        clean = step_time.Runner(model_name, "sgd", False)
+        clean = Runner(model_name, "sgd", False)
         clean.run(args.warmup)  # traced with nothing patched
         ops = {"clean": capture_ops(clean)}
         keep_alive = TENGraD()
-        captured = step_time.Runner(model_name, "sgd", False)
+        captured = Runner(model_name, "sgd", False)
         captured.run(args.warmup)  # traced with capture installed
         ops["captured"] = capture_ops(captured)
         del keep_alive
@@ -74,7 +73,7 @@ def main(argv=None):
                 f"{k} {statistics.median(v) * 1e3:.2f} ms" for k, v in times.items()), flush=True)
         medians = {k: statistics.median(v) for k, v in times.items()}
         results.append({
-            "model": model_name, "batch": step_time.BATCH, "steps_timed": len(times["clean"]),
+            "model": model_name, "batch": BATCH, "steps_timed": len(times["clean"]),
             "capture_ops_in_training_graph": ops,
             "median_s_per_step": medians,
             "captured_over_clean": medians["captured"] / medians["clean"],
@@ -84,14 +83,14 @@ def main(argv=None):
                              for i in range(args.rounds)],
         })
 
-    report = step_time.report_header("capture_overhead", commit, argv)
+    report = report_header("capture_overhead", argv, commit)
     report["results"] = results
-    step_time.write_report(args.out, report, markdown_table)
+    write_report(args.out, report, markdown_table)
 
 
 def markdown_table(report) -> str:
     lines = [f"SGD step time with capture installed at trace time against without, batch "
-             f"{step_time.BATCH}, {report['machine']['cpus']} CPUs, commit {report['commit']}, "
+             f"{BATCH}, {report['machine']['cpus']} CPUs, commit {report['commit']}, "
              f"{report['date']}", "",
              "| model | capture ops (clean / captured) | clean ms/step | captured ms/step | "
              "captured ÷ clean | per-round ratios |",

@@ -27,7 +27,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.step_time import git_commit, report_header, write_report  # noqa: E402
+from benchmarks.common import RESULTS, git_commit, report_header, write_report  # noqa: E402
 from tengrad_tf import TENGraD, data, models  # noqa: E402
 
 MODELS = {"small_cnn": (16, 32), "3c1f": (32, 128)}  # width, batch
@@ -59,7 +59,7 @@ def main(argv=None):
     parser.add_argument("--dampings", nargs="+", type=float, default=[1e-4, 1e-3, 1e-2, 1e-1, 1.0])
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     commit = git_commit()
     rows = []
@@ -72,7 +72,7 @@ def main(argv=None):
                 print(f"{model_name} {name:28s} λ₀={damping:g}: first {result['first']:.3f} "
                       f"max {result['max']:.3f} last10 {result['last10']:.3f} "
                       f"λ {result['final_damping']:.3g} trains {result['trains']}", flush=True)
-    report = report_header("damping", commit, argv)
+    report = report_header("damping", argv, commit)
     report.update(steps=args.steps, results=rows)
     write_report(args.out, report, markdown_table)
     return report

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.step_time import git_commit, report_header, write_report  # noqa: E402
+from benchmarks.common import RESULTS, git_commit, report_header, write_report  # noqa: E402
 from tengrad_tf import TENGraD, data, models  # noqa: E402
 
 MODELS = ("mlp", "cnn", "textcnn", "transformer")
@@ -126,7 +125,7 @@ def main(argv=None):
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),
                         help="TENGraD configurations beside TENGraD() (none: --variants)")
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
 
@@ -141,7 +140,7 @@ def main(argv=None):
                 rows.append({"model": model_name, "optimizer": name, "seed": seed, **result})
                 print(f"{model_name:11s} seed {seed} {name:55s} acc {result['test_accuracy']:.4f}"
                       f" steps {result['steps']}", flush=True)
-    report = report_header("defaults", commit, argv)
+    report = report_header("defaults", argv, commit)
     report.update(seconds_per_run=args.seconds, seeds=args.seeds, results=rows,
                   summary=summarize(rows))
     write_report(args.out, report, markdown_table)

@@ -1,9 +1,9 @@
 """Short CPU/GPU timing of the XLA choices: TENGraD(jit_solve=...) and compile(jit_compile=...).
 
-Prints a few lines (README, "XLA"):
+Prints a few lines (docs/resuming.md, "XLA"):
   1. the m × m work alone at m = 128 (float64 Cholesky of mλI + K with its retry loop, and the two
      triangular solves), in a tf.function, with and without XLA;
-  2. a 3C1F `fit` step at batch 128 (benchmarks/step_time.py's model, empirical Fisher, curvature
+  2. a 3C1F `fit` step at batch 128 (benchmarks/common.py's model, empirical Fisher, curvature
      every step so that the factorization is in every step), with jit_solve off and on, and with
      the whole step compiled (jit_compile=True, max_batch_size=128).
 
@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.step_time import BATCH, StepTimer, build  # noqa: E402
+from benchmarks.common import BATCH, Runner  # noqa: E402
 from tengrad_tf import TENGraD, woodbury  # noqa: E402
 
 
@@ -54,23 +54,10 @@ def solve_alone(m: int, repeats: int) -> dict[str, float]:
     return out
 
 
-def fit_runner(jit_compile: bool, **kw):
-    keras.utils.set_random_seed(0)
-    model, shape = build("3c1f")
-    opt = TENGraD(fisher="empirical", curvature_update_freq=1, **kw)
-    model.compile(optimizer=opt, jit_compile=jit_compile,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    rng = np.random.default_rng(0)
-    data = tf.data.Dataset.from_tensors((rng.normal(size=(BATCH, *shape)).astype("float32"),
-                                         rng.integers(0, 10, size=BATCH))).repeat()
-
-    def run(steps):
-        timer = StepTimer()
-        model.fit(data, steps_per_epoch=steps, epochs=1, shuffle=False, verbose=0,
-                  callbacks=[timer])
-        return timer.times
-
-    return run
+def fit_runner(jit_compile: bool, **kw) -> Runner:
+    """3C1F with TENGraD refreshing its curvature every step, so the m × m work is in every step."""
+    keras.utils.set_random_seed(0)  # TENGraD's sampling seed, drawn when it is created
+    return Runner("3c1f", TENGraD(fisher="empirical", curvature_update_freq=1, **kw), jit_compile)
 
 
 def main(argv=None):
@@ -91,13 +78,13 @@ def main(argv=None):
     for name, (jit_compile, kw) in configs.items():
         t = time.perf_counter()
         runners[name] = fit_runner(jit_compile, **kw)
-        runners[name](2)  # trace (and compile)
+        runners[name].run(2)  # trace (and compile)
         print(f"{name}: first 2 steps (tracing, compilation) {time.perf_counter() - t:.1f} s",
               flush=True)
     times = {name: [] for name in configs}
     for _ in range(args.rounds):  # interleaved, so that machine noise hits all alike
         for name in configs:
-            times[name] += runners[name](args.steps)
+            times[name] += runners[name].run(args.steps)
     for name, ts in times.items():
         print(f"3C1F fit step, batch {BATCH}, freq 1, {name}: median {statistics.median(ts) * 1e3:.0f}"
               f" ms [p25 {np.percentile(ts, 25) * 1e3:.0f}, p75 {np.percentile(ts, 75) * 1e3:.0f}]"

@@ -1,6 +1,6 @@
 """Peak host memory of training steps: SGD, TENGraD (true and empirical Fisher) and K-FAC.
 
-Model: the paper's 3C1F (benchmarks/step_time.py: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3,
+Model: the paper's 3C1F (benchmarks/common.py: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3,
 Dense 500, 10) on 28 × 28 × 1 inputs, batch 128, synthetic data (the data does not change memory).
 
 Method. Each configuration runs in its own fresh Python process (a process's high-water mark only
@@ -34,7 +34,6 @@ Writes memory.json (and memory.md) under --out (default benchmarks/results/) and
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -57,38 +56,21 @@ def _reset_high_water_mark() -> None:
         f.write("5")
 
 
-def _optimizer(name: str):
-    from tengrad_tf import KFAC, TENGraD
-    import keras
-
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-    kind, fisher, *budget = name.split("-")  # "tengrad-true-b64": memory_budget 64 MiB
-    if kind == "tengrad":
-        kw = dict(memory_budget=int(budget[0][1:]) * 2**20) if budget else {}
-        return TENGraD(fisher=fisher, curvature_update_freq=1, **kw)
-    # K-FAC's own schedule: factors and inverses on the first step (its costliest), factors every
-    # 20 steps. Inverses every step would mean an eigendecomposition of the 10369 × 10369 input
-    # factor of 3C1F's Dense layer per step: minutes per step on a CPU.
-    return KFAC(fisher=fisher)
-
-
 def _build(model_name: str, batch: int):
     import keras
     import numpy as np
     import tensorflow as tf
 
-    sys.path.insert(0, os.path.dirname(HERE))
-    from benchmarks.step_time import build
+    from benchmarks.common import build, inputs
 
-    if model_name == "mlp":
+    if model_name == "mlp":  # small: what the tests run
         model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(64, activation="relu"),
                                   keras.layers.Dense(10)])
         shape = (784,)
     else:
         model, shape = build(model_name)
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(batch, *shape)).astype("float32")
+    x = inputs(model_name, shape, rng, batch)
     y = rng.integers(0, 10, size=batch)
     return model, tf.data.Dataset.from_tensors((x, y)).repeat()
 
@@ -98,9 +80,16 @@ def worker(model_name: str, opt_name: str, batch: int, warmup: int, steps: int) 
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
+    sys.path.insert(0, os.path.dirname(HERE))
+    from benchmarks.common import make_optimizer
+
     keras.utils.set_random_seed(0)
     model, data = _build(model_name, batch)
-    model.compile(optimizer=_optimizer(opt_name),
+    # TENGraD refreshes its curvature every step (the worst case). K-FAC keeps its own schedule:
+    # factors and inverses on the first step (its costliest), factors every 20 steps. Inverses
+    # every step would mean an eigendecomposition of the 10369 × 10369 input factor of 3C1F's
+    # Dense layer per step: minutes per step on a CPU.
+    model.compile(optimizer=make_optimizer(opt_name),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     baseline = _status_kib("VmRSS")
     _reset_high_water_mark()
@@ -160,26 +149,15 @@ def main(argv=None):
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(HERE))
-    from benchmarks.step_time import git_commit, machine, write_report
+    from benchmarks.common import git_commit, report_header, write_report
 
     commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, cwd=HERE).stdout.strip() != ""
     results = []
     for opt_name in args.optimizers:
         results.append(measure(args.model, opt_name, args.batch, args.warmup, args.steps))
         print(f"{opt_name}: {results[-1]}", flush=True)
-    import keras
-    import tensorflow as tf
-
     report = {
-        "benchmark": "memory",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "uncommitted_changes": dirty,
-        "machine": machine(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "command": " ".join(["benchmarks/memory.py"] + list(argv)),
+        **report_header("memory", argv, commit),
         "method": ("fresh process per configuration; baseline = VmRSS after building and "
                    "compiling the model; peaks = VmHWM after resetting it via "
                    "/proc/self/clear_refs; curvature refreshed every step; "

@@ -37,8 +37,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.step_time import (  # noqa: E402
-    BATCH, Runner, git_commit, machine, report_header, write_report)
+from benchmarks.common import (  # noqa: E402
+    BATCH, RESULTS, Runner, git_commit, machine, report_header, write_report)
 
 PARTS = ["forward", "backward", "keras", "tengrad_capture", "tengrad_output_grads", "tengrad_gram",
          "tengrad_cholesky", "tengrad_cache", "tengrad_project", "tengrad_solve",
@@ -127,7 +127,7 @@ def main(argv=None):
                                  "tengrad-true-f1", "tengrad-true-f100"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     commit = git_commit()
     results = []
@@ -136,7 +136,7 @@ def main(argv=None):
             results.append(profile(model_name, opt_name, args.steps, args.warmup))
             print(markdown_table({"results": results[-1:], "machine": machine(), "commit": commit,
                                   "date": ""}).splitlines()[-1], flush=True)
-    report = report_header("profile_step", commit, argv)
+    report = report_header("profile_step", argv, commit)
     report["results"] = results
     write_report(args.out, report, markdown_table)
 

@@ -1,14 +1,8 @@
 """Seconds per training step of TENGraD, K-FAC and Adam against SGD(momentum=0.9), in one run.
 
-Models (batch 128, synthetic inputs of the right shape: the data does not change a step's cost):
-  mlp           784-512-256-10
-  3c1f          the paper's Fashion-MNIST CNN: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3,
-                Dense 500, 10
-  mobilenet_v2  keras.applications.MobileNetV2(alpha=0.35), 32×32×3, 10 classes (logits):
-                Conv2D, DepthwiseConv2D and BatchNormalization blocks
-  transformer   tengrad_tf.models.transformer_classifier: a 20k-token Embedding and positions
-                (64 × 64), one MultiHeadAttention block (4 heads) with LayerNormalization and a
-                Dense FFN (128), pooling, 10 classes
+Models: mlp, 3c1f, mobilenet_v2 and transformer at batch 128, on synthetic inputs of the right
+shape (the data does not change a step's cost); benchmarks/common.py's `build` describes them.
+Optimizer names: benchmarks/common.py's `make_optimizer`.
 
 Each configuration runs `model.fit` on a repeated in-memory batch; a callback times every step.
 Configurations are interleaved in rounds so that machine noise hits them alike, and the report gives
@@ -26,128 +20,37 @@ Writes JSON (and a Markdown table) under --out (default benchmarks/results/) and
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
-import time
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tengrad_tf import KFAC, TENGraD, models  # noqa: E402
-
-BATCH = 128
-MODELS = ["mlp", "3c1f", "mobilenet_v2", "transformer"]
-VOCABULARY, LENGTH = 20000, 64
-
-
-def build(model_name: str) -> tuple[keras.Model, tuple]:
-    if model_name == "mlp":
-        model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
-                                  keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
-        return model, (784,)
-    if model_name == "3c1f":
-        layers = [keras.Input((28, 28, 1))]
-        layers += [keras.layers.Conv2D(128, 3, padding="same", activation="relu") for _ in range(3)]
-        layers += [keras.layers.MaxPooling2D(3), keras.layers.Flatten(),
-                   keras.layers.Dense(500, activation="relu"), keras.layers.Dense(10)]
-        return keras.Sequential(layers), (28, 28, 1)
-    if model_name == "mobilenet_v2":
-        return keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), weights=None,
-                                              classes=10, classifier_activation=None), (32, 32, 3)
-    if model_name == "transformer":
-        return models.transformer_classifier(VOCABULARY, LENGTH, num_classes=10), (LENGTH,)
-    raise ValueError(f"unknown model {model_name!r}")
-
-
-def inputs(model_name: str, shape: tuple, rng) -> np.ndarray:
-    """A synthetic batch for the model: token ids for the Transformer, normal noise otherwise."""
-    if model_name == "transformer":
-        return rng.integers(0, VOCABULARY, size=(BATCH, *shape))
-    return rng.normal(size=(BATCH, *shape)).astype("float32")
-
-
-def optimizer(name: str):
-    """"sgd", "adam", "tengrad-<fisher>-f<freq>" (at the other defaults: adaptive damping on;
-    "tengrad-<fisher>-f<freq>-fixed": a fixed damping), or "kfac-<fisher>" (its default 20/100
-    schedule)."""
-    if name == "sgd":
-        return keras.optimizers.SGD(learning_rate=0.01, momentum=0.9)
-    if name == "adam":
-        return keras.optimizers.Adam()
-    if name.startswith("kfac"):
-        return KFAC(learning_rate=0.003, damping=0.1, fisher=name.split("-")[1])
-    _, fisher, freq, *rest = name.split("-")
-    return TENGraD(learning_rate=0.003, damping=0.1, fisher=fisher,
-                   curvature_update_freq=int(freq[1:]), adaptive_damping=rest != ["fixed"])
-
-
-class StepTimer(keras.callbacks.Callback):
-    def __init__(self):
-        super().__init__()
-        self.times = []
-
-    def on_train_batch_begin(self, batch, logs=None):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.times.append(time.perf_counter() - self._t)
-
-
-class Runner:
-    """One compiled model per configuration, kept across rounds (compile and trace once)."""
-
-    def __init__(self, model_name, opt_name, jit):
-        keras.utils.set_random_seed(0)
-        self.model, shape = build(model_name)
-        self.model.compile(optimizer=optimizer(opt_name), jit_compile=jit,
-                           loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        rng = np.random.default_rng(0)
-        x = inputs(model_name, shape, rng)
-        y = rng.integers(0, 10, size=BATCH)
-        self.data = tf.data.Dataset.from_tensors((x, y)).repeat()
-
-    def run(self, steps):
-        timer = StepTimer()
-        self.model.fit(self.data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
-        return timer.times
+from benchmarks.common import (  # noqa: E402
+    BATCH, RESULTS, STEP_MODELS, Runner, git_commit, report_header, write_report)
 
 
 def peak_memory_mib(model_name, opt_name, jit, steps) -> float:
-    """Peak RSS of a fresh process that builds the model and runs `steps` steps."""
-    code = (f"import sys; sys.argv=['x']; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            "import step_time as s, resource; "
-            f"r = s.Runner({model_name!r}, {opt_name!r}, {jit}); r.run({steps}); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    """Peak RSS (VmHWM) of a fresh process that builds the model and runs `steps` steps.
+
+    Not ru_maxrss: Linux carries a child's ru_maxrss over from its parent across exec, so every
+    configuration read this (much larger) process's peak. VmHWM belongs to the new address space.
+    """
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    code = (f"import sys; sys.path.insert(0, {root!r}); "
+            "from benchmarks.common import Runner; "
+            f"Runner({model_name!r}, {opt_name!r}, {jit}).run({steps}); "
+            "print([l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(out.stdout.strip().splitlines()[-1]) / 1024
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
-    except OSError:
-        return "unknown"
-
-
-def machine() -> dict:
-    return {"platform": platform.platform(), "processor": platform.processor(),
-            "cpus": os.cpu_count(), "gpus": [d.name for d in tf.config.list_physical_devices("GPU")]}
+    return int(out.stdout.strip().splitlines()[-1]) / 1024  # kB → MiB
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=MODELS, choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=STEP_MODELS, choices=STEP_MODELS)
     parser.add_argument("--optimizers", nargs="+",
                         default=["sgd", "adam", "kfac-true", "tengrad-empirical-f1",
                                  "tengrad-empirical-f100", "tengrad-true-f1", "tengrad-true-f100"])
@@ -156,7 +59,7 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps (tracing) per config")
     parser.add_argument("--jit", action="store_true", help="also run with jit_compile=True")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     commit = git_commit()  # the code being measured, not whatever HEAD is when the run ends
 
@@ -193,33 +96,9 @@ def main(argv=None):
                     entry["peak_rss_mib"] = peak_memory_mib(model_name, opt_name, j, 3)
                 results.append(entry)
 
-    report = report_header("step_time", commit, argv)
+    report = report_header("step_time", argv, commit)
     report["results"] = results
     write_report(args.out, report, markdown_table)
-
-
-def report_header(benchmark: str, commit: str, argv) -> dict:
-    """What every committed result records: date, machine, commit, versions and command."""
-    return {
-        "benchmark": benchmark,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "machine": machine(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "command": " ".join([os.path.basename(sys.argv[0])] + (argv or sys.argv[1:])),
-    }
-
-
-def write_report(out: str, report: dict, table) -> None:
-    """<benchmark>.json and its Markdown table under `out`; prints the table and the path."""
-    os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, f"{report['benchmark']}.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-    with open(os.path.join(out, f"{report['benchmark']}.md"), "w") as f:
-        f.write(table(report))
-    print(table(report))
-    print(f"results written to {path}")
 
 
 def markdown_table(report) -> str:

@@ -1,7 +1,7 @@
 """Wall-clock time to a target test accuracy: TENGraD against K-FAC, SGD and Adam.
 
-Fashion-MNIST, the paper's 3C1F network, the paper's hyperparameter presets (taken from
-examples/train.py, so that both always agree):
+Fashion-MNIST, the paper's 3C1F network, the paper's hyperparameter presets (tengrad_tf.presets,
+which examples/train.py trains with too, so that both always agree):
 
     SGD      lr 0.03, momentum 0.9, weight decay 1e-3
     Adam     lr 1e-3
@@ -70,13 +70,10 @@ inspected while it goes; `--from-json` re-renders the table and plot from a JSON
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -87,14 +84,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.step_time import git_commit, machine  # noqa: E402
-from tengrad_tf import data, models  # noqa: E402
+from benchmarks.common import RESULTS, report_header, write_json  # noqa: E402
+from examples.train import TrainingLog, first_reaching  # noqa: E402
+from tengrad_tf import data, models, presets  # noqa: E402
 
-RESULTS = ROOT / "benchmarks" / "results"
 NAME = "time_to_accuracy"
 OPTIMIZERS = ("sgd", "adam", "kfac", "tengrad")
 LABELS = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC", "tengrad": "TENGraD"}
@@ -148,18 +144,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 EVAL_BATCH_SIZE = 1000  # evaluation is off the clock; large batches only make it finish sooner
 
 
-def _load_train_module():
-    """examples/train.py (not a package): its presets, optimizer factory and logging callback."""
-    path = ROOT / "examples" / "train.py"
-    spec = importlib.util.spec_from_file_location("_tengrad_examples_train", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
-
-
 # ------------------------------------------------------------------------------------ CLI
 
 
@@ -176,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    metavar="OPT", help=f"subset of {', '.join(OPTIMIZERS)} (default: all)")
     p.add_argument("--seeds", type=int, help="number of seeds, 0..N-1 (cpu/paper default 3)")
     p.add_argument("--presets", choices=["paper", "tuned"],
-                   help="hyperparameters: the paper's (examples/train.py), or those with the "
+                   help="hyperparameters: the paper's (tengrad_tf.presets), or those with the "
                         "learning rate benchmarks/tune_presets.py chose on validation data "
                         "(default: tuned for cpu, paper otherwise)")
     p.add_argument("--tuned-json", default=str(RESULTS / "tune_presets.json"),
@@ -237,10 +221,8 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def paper_hparams(optimizers: list[str]) -> dict[str, dict[str, Any]]:
-    """The Fashion-MNIST preset of examples/train.py, resolved as train.py resolves it."""
-    parser = train.build_parser()
-    args = parser.parse_args(["--dataset", "fashion_mnist", "--optimizer", *optimizers])
-    return train.resolve_config(args, parser)["hparams"]
+    """The paper's Fashion-MNIST preset of every optimizer, as examples/train.py resolves it."""
+    return {name: presets.optimizer_hparams(name, "fashion_mnist") for name in optimizers}
 
 
 def tuned_hparams(cfg: dict, path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -308,12 +290,11 @@ def run_one(name: str, seed: int, cfg: dict, test_ds, steps_per_epoch: int,
                          data_dir=cfg["data_dir"], seed=seed, drop_remainder=True)
     model = models.build_model("3c1f", (28, 28, 1), 10, width=cfg["width"], hidden=cfg["hidden"])
     hp = cfg["hparams"][name]
-    optimizer = train.make_optimizer(name, hp, hp["learning_rate"], seed)
+    optimizer = presets.make_optimizer(name, hp, seed=seed)
     model.compile(optimizer=optimizer,
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])
-    log = train.TrainingLog(test_ds, steps_per_epoch, cfg["eval_every"],
-                            scratch / f"{name}-{seed}.csv")
+    log = TrainingLog(test_ds, steps_per_epoch, cfg["eval_every"], scratch / f"{name}-{seed}.csv")
     budget = Budget(log, cfg["max_seconds"], cfg["max_steps"], cfg["eval_switch_step"],
                     cfg["eval_every_later"])
     wall0 = time.perf_counter()
@@ -354,11 +335,11 @@ def _key(target: float) -> str:
 
 def time_to_target(rows: list[dict], target: float) -> dict[str, Any] | None:
     """Both clocks, epoch and step at the first evaluation with test accuracy >= target, or None."""
-    for r in rows:
-        if r["test_accuracy"] >= target:
-            return {"seconds": r["seconds"], "train_seconds": r["train_seconds"],
-                    "epochs": r["epoch"], "step": r["step"]}
-    return None
+    r = first_reaching(rows, target)
+    if r is None:
+        return None
+    return {"seconds": r["seconds"], "train_seconds": r["train_seconds"], "epochs": r["epoch"],
+            "step": r["step"]}
 
 
 # ------------------------------------------------------------------------------ summary
@@ -535,7 +516,7 @@ def presets_line(cfg: dict) -> str | None:
     lrs = ", ".join(f"{LABELS.get(n, n)} {cfg['hparams'][n]['learning_rate']:.3g}"
                     for n in cfg["optimizers"] if n in cfg["hparams"])
     if cfg.get("presets", "paper") == "paper":
-        return f"Hyperparameters: the paper's presets (examples/train.py); learning rates {lrs}."
+        return f"Hyperparameters: the paper's presets (tengrad_tf.presets); learning rates {lrs}."
     src = cfg["tuned_from"]
     paper = ", ".join(f"{LABELS.get(n, n)} {lr:.3g}"
                       for n, lr in src["paper_learning_rates"].items())
@@ -596,13 +577,6 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_json(report: dict, path: Path) -> None:
-    """Through a temporary file: a long run rewrites it often, and never leaves half a JSON."""
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
-
-
 def write_outputs(report: dict, out: Path, final: bool) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / f"{NAME}.json", "md": out / f"{NAME}.md", "png": out / f"{NAME}.png"}
@@ -614,30 +588,6 @@ def write_outputs(report: dict, out: Path, final: bool) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------------------ main
-
-
-def uncommitted_changes() -> list[str] | None:
-    """`git status --porcelain` lines of the library and examples (None without git)."""
-    try:
-        out = subprocess.run(["git", "status", "--porcelain", "--", "tengrad_tf", "examples"],
-                             capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return [line for line in out.splitlines() if line.strip()]
-
-
-def run_header(benchmark: str, argv: list[str] | None) -> dict[str, Any]:
-    """What a committed training benchmark records: date, commit (and whether the library or
-    examples had uncommitted changes), machine, versions and the command."""
-    return {
-        "benchmark": benchmark,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "uncommitted_changes": uncommitted_changes(),
-        "machine": machine(),
-        "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
-        "command": " ".join([f"benchmarks/{benchmark}.py"]
-                            + (sys.argv[1:] if argv is None else list(argv))),
-    }
 
 
 def render(path: Path) -> dict[str, Any]:
@@ -663,7 +613,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     test_ds = data.load("fashion_mnist", cfg["test_split"], EVAL_BATCH_SIZE,
                         data_dir=cfg["data_dir"], shuffle=False)
     out = Path(args.out)
-    report: dict[str, Any] = {**run_header(NAME, argv), "config": cfg, "complete": False,
+    report: dict[str, Any] = {**report_header(NAME, argv), "config": cfg, "complete": False,
                               "runs": []}
     print(json.dumps(cfg, indent=1), flush=True)
     t_all = time.perf_counter()

@@ -1,7 +1,7 @@
 """Tune each optimizer's learning rate for the `cpu` benchmark, on held-out data.
 
 The issue asks for each optimizer "with its own tuned preset". The paper's presets
-(examples/train.py) were tuned at the paper's width; time_to_accuracy.py's `cpu` configuration
+(tengrad_tf.presets) were tuned at the paper's width; time_to_accuracy.py's `cpu` configuration
 trains a 3C1F 8x narrower. So every optimizer gets the same search, on data the benchmark never
 reports:
 
@@ -46,6 +46,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import time_to_accuracy as tta  # noqa: E402
+from benchmarks.common import report_header, write_json  # noqa: E402
 import tengrad_tf  # noqa: E402
 from tengrad_tf import data  # noqa: E402
 
@@ -95,7 +96,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def accepted_hparams(name: str) -> set[str]:
-    """What examples/train.py's make_optimizer passes on for this optimizer."""
+    """What tengrad_tf.presets.make_optimizer passes on for this optimizer."""
     if name in ("sgd", "adam"):
         return {"weight_decay"} | ({"momentum"} if name == "sgd" else set())
     cls = tengrad_tf.TENGraD if name == "tengrad" else tengrad_tf.KFAC
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     validation = data.load("fashion_mnist", cfg["test_split"], tta.EVAL_BATCH_SIZE,
                            data_dir=cfg["data_dir"], shuffle=False)
     report: dict[str, Any] = {
-        **tta.run_header(NAME, argv),
+        **report_header(NAME, argv),
         "config": {k: cfg[k] for k in ("width", "hidden", "batch_size", "max_steps", "eval_every",
                                        "train_split", "test_split", "seeds", "targets")},
         "multipliers": list(args.multipliers), "paper_hparams": paper, "overrides": overrides,
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def _write(report: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{NAME}.json"
-    tta.write_json(report, path)
+    write_json(report, path)
     return path
 
 

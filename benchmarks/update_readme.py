@@ -3,11 +3,15 @@
 
     python benchmarks/update_readme.py
 
-Each table sits between `<!-- name -->` and `<!-- /name -->`, in whichever document holds them.
+Each table sits between `<!-- name -->` and `<!-- /name -->`, in whichever document holds the
+pair (a table may stand in several); it is rendered from benchmarks/results/<name>.json by
+benchmarks/<name>.py's `markdown_table`. A result with no marker pair anywhere, or a marker pair
+with no result, is reported, so that a section moved without its markers is noticed.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -17,41 +21,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+MARKER = re.compile(r"<!-- ([a-z_]+) -->.*?<!-- /\1 -->", re.S)
 
 
-def step_time_table(report) -> str:
-    from benchmarks.step_time import markdown_table
-    return markdown_table(report)
+def _renderer(name: str):
+    # Imported when a table is rendered: one benchmark that fails to import costs only its table.
+    return lambda report: importlib.import_module(f"benchmarks.{name}").markdown_table(report)
 
 
-def defaults_table(report) -> str:
-    from benchmarks.defaults import markdown_table
-    return markdown_table(report)
-
-
-def damping_table(report) -> str:
-    from benchmarks.damping import markdown_table
-    return markdown_table(report)
-
-
-def memory_table(report) -> str:
-    from benchmarks.memory import markdown_table
-    return markdown_table(report)
-
-
-def profile_step_table(report) -> str:
-    from benchmarks.profile_step import markdown_table
-    return markdown_table(report)
-
-
-def capture_overhead_table(report) -> str:
-    from benchmarks.capture_overhead import markdown_table
-    return markdown_table(report)
-
-
-TABLES = {"step_time": step_time_table, "defaults": defaults_table, "memory": memory_table,
-          "profile_step": profile_step_table, "capture_overhead": capture_overhead_table,
-          "damping": damping_table}
+TABLES = {name: _renderer(name) for name in
+          ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping")}
 
 
 def extra_tables() -> dict:
@@ -70,22 +49,36 @@ def documents() -> list[str]:
         os.path.join(docs, f) for f in os.listdir(docs) if f.endswith(".md"))
 
 
+def markers(text: str) -> set[str]:
+    """The names of the complete marker pairs in a document."""
+    return {m.group(1) for m in MARKER.finditer(text)}
+
+
 def main():
     tables = {**TABLES, **extra_tables()}
+    found: set[str] = set()
     for path in documents():
         text = original = open(path).read()
-        for name, render in tables.items():
+        names = markers(text)
+        found |= names
+        for name in sorted(names):
             result = os.path.join(RESULTS, f"{name}.json")
-            if not os.path.exists(result) or f"<!-- {name} -->" not in text:
+            if name not in tables or not os.path.exists(result):
+                print(f"no table {name}: {os.path.relpath(path, ROOT)} has its markers, but "
+                      f"there is no renderer or no {os.path.relpath(result, ROOT)}")
                 continue
             with open(result) as f:
-                table = render(json.load(f))
+                table = tables[name](json.load(f))
             text = re.sub(rf"<!-- {name} -->.*?<!-- /{name} -->",
                           lambda _: f"<!-- {name} -->\n{table}<!-- /{name} -->", text, flags=re.S)
             print(f"updated table {name} in {os.path.relpath(path, ROOT)} from {result}")
         if text != original:
             with open(path, "w") as f:
                 f.write(text)
+    for name in sorted(set(tables) - found):
+        if os.path.exists(os.path.join(RESULTS, f"{name}.json")):
+            print(f"not shown: benchmarks/results/{name}.json has no <!-- {name} --> markers in "
+                  "README.md or docs/*.md")
 
 
 if __name__ == "__main__":

@@ -16,24 +16,7 @@ import tensorflow as tf
 
 from tengrad_tf import TENGraD, adaptive
 from tests import reference
-
-
-def sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-
-def mlp():
-    return keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
-                             keras.layers.Dense(3)])
-
-
-def data(m, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(m, 5)), rng.integers(0, 3, size=m)
+from tests.helpers import data, mlp, per_sample_sce, plain, sce
 
 
 def next_damping(lam, rho, every):
@@ -163,9 +146,7 @@ def test_network_fisher_is_the_exact_damped_natural_gradient_of_all_blocks(
         model, x, y, y_fisher, per_sample_sce, damping)[0].values()))
     assert np.linalg.norm(block - d) > 1e-2 * np.linalg.norm(d)
     before = np.concatenate([v.numpy().ravel() for v in variables])
-    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher=fisher_type, fisher_blocks="network",
-                  adaptive_damping=False)
+    opt = plain(learning_rate=lr, damping=damping, fisher=fisher_type, fisher_blocks="network")
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     after = np.concatenate([v.numpy().ravel() for v in variables])
@@ -214,9 +195,8 @@ def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
     keras.utils.set_random_seed(0)
     model = mlp()
     init = model.get_weights()
-    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=freq, curvature_batches=k, fisher="empirical",
-                  fisher_blocks=fisher_blocks, adaptive_damping=False)
+    opt = plain(learning_rate=lr, damping=damping, curvature_update_freq=freq,
+                curvature_batches=k, fisher="empirical", fisher_blocks=fisher_blocks)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
 

@@ -200,6 +200,20 @@ def test_update_readme_finds_the_table():
     assert update_readme.extra_tables()["time_to_accuracy"] is tta.markdown_table
 
 
+def test_every_committed_result_has_its_table_markers_in_the_readme_or_docs():
+    """update_readme.py writes a table wherever its marker pair stands; a section moved without
+    its markers would silently leave its table unwritten."""
+    from benchmarks import update_readme
+    found = set()
+    for path in update_readme.documents():
+        found |= update_readme.markers(Path(path).read_text())
+    tables = {**update_readme.TABLES, **update_readme.extra_tables()}
+    committed = {n for n in tables if (Path(update_readme.RESULTS) / f"{n}.json").exists()}
+    assert committed <= found, committed - found
+    assert found <= set(tables), found - set(tables)  # every marker pair has a renderer
+    assert any(Path(p).name == "performance.md" for p in update_readme.documents())  # docs/
+
+
 # ----------------------------------------------------------------------------- memory.py
 
 

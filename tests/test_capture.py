@@ -14,17 +14,14 @@ import pytest
 import tensorflow as tf
 
 from tengrad_tf import TENGraD, capture
-from tests import reference
+from tests import helpers, reference
+from tests.helpers import DAMPING, LR, weights
 
-LR, DAMPING = 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
 M, NOISE, FEATURES = 6, 3, 4
 
 
 def plain(**kw):
-    base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None,
-                curvature_update_freq=1, adaptive_damping=False)
-    base.update(kw)
-    return TENGraD(**base)
+    return helpers.plain(**{"learning_rate": LR, "damping": DAMPING, **kw})
 
 
 def dense_net(inputs, hidden, outputs):
@@ -34,11 +31,6 @@ def dense_net(inputs, hidden, outputs):
 
 def blocks(model):
     return [(layer.kernel, layer.bias) for layer in model.layers]
-
-
-def weights(*models):
-    return {v.path: v.numpy().astype(np.float64).ravel()
-            for model in models for v in model.trainable_variables}
 
 
 def assert_steps(before, after, expected):

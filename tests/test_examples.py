@@ -1,4 +1,5 @@
-"""Tests for examples/train.py: one tiny end-to-end run on real Fashion-MNIST, plus its parts.
+"""Tests for examples/train.py (the main job): one tiny end-to-end run on real Fashion-MNIST, plus
+its parts.
 
 The end-to-end test prepares Fashion-MNIST offline from Debian's files into a temporary TFDS
 data dir (skipped when they are absent) and trains 3C1F (width 4) with TENGraD and SGD for two
@@ -8,7 +9,6 @@ data dir (skipped when they are absent) and trains 3C1F (width 4) with TENGraD a
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -19,23 +19,12 @@ import numpy as np
 import pytest
 
 import tengrad_tf
+from examples import train
 from tengrad_tf import data
 
-TRAIN_PY = Path(__file__).resolve().parents[1] / "examples" / "train.py"
 DEBIAN_DIR = Path(os.environ.get(data.ENV_FASHION_MNIST_DEBIAN_DIR)
                   or data.DEBIAN_FASHION_MNIST_DIR)
 HAVE_FASHION_MNIST = (DEBIAN_DIR / "train-images-idx3-ubyte.gz").is_file()
-
-
-def _load_train_module():
-    # examples/ is not a package: load the script by path under a name that cannot clash.
-    spec = importlib.util.spec_from_file_location("tengrad_examples_train", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train = _load_train_module()
 
 
 def _config(*argv: str) -> dict:
@@ -54,7 +43,8 @@ def tiny_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_py")
     out = root / "out"
     argv = ["--dataset", "fashion_mnist", "--model", "3c1f", "--width", "4", "--hidden", "16",
-            "--optimizer", "tengrad", "sgd", "--steps-per-epoch", "5", "--epochs", "2",
+            "--optimizer", "tengrad", "sgd", "--target", "0.3", "--steps-per-epoch", "5",
+            "--epochs", "2",
             "--eval-every", "3", "--data-dir", str(root / "data"), "--out", str(out),
             "--train-split", "train[:2%]", "--test-split", "test[:5%]", "--verbose", "2"]
     metrics = train.main(argv)
@@ -91,8 +81,9 @@ def test_metrics_json_config_and_plot(tiny_run):
     config = json.loads((out / "config.json").read_text())
     assert config["hparams"]["tengrad"]["learning_rate"] == 0.003  # the paper's preset
     assert config["model_kwargs"] == {"width": 4, "hidden": 16}
-    png = (out / "curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    for figure in ("accuracy.png", "curves.png"):
+        png = (out / figure).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
     assert (out / "tengrad" / "tb").exists() == bool(config["tensorboard"])
 
 
@@ -111,11 +102,26 @@ def test_runs_share_initialisation_and_exclude_evaluation(tiny_run):
     assert not any(t.startswith("first-order") for t in treatments.values())
 
 
-def test_prints_where_results_went(tiny_run, capsys):
+def test_time_to_target_is_the_first_logged_row_at_or_above_it(tiny_run):
+    _, metrics = tiny_run
+    for run in metrics["runs"].values():
+        first = train.first_reaching(run["rows"], 0.3)
+        assert run["target"]["test_accuracy"] == 0.3
+        assert run["target"]["reached"] == (first is not None)
+        if first is not None:
+            assert (run["target"]["train_seconds"], run["target"]["step"]) == (
+                first["train_seconds"], first["step"])
+
+
+def test_prints_one_line_per_optimizer_and_where_results_went(tiny_run, capsys):
     out, metrics = tiny_run
     train.print_report(metrics["runs"], out)
     lines = capsys.readouterr().out.strip().splitlines()
+    for label in ("TENGraD", "SGD"):
+        (line,) = [x for x in lines if x.strip().startswith(label + " ")]
+        assert "30%" in line and "final test accuracy" in line
     assert lines[-1] == f"results in {out}"
+    assert any(str(out / "accuracy.png") in line for line in lines)
     assert any(str(out / "curves.png") in line for line in lines)
 
 
@@ -175,6 +181,22 @@ def test_training_log_rows_when_eval_and_epoch_end_coincide(tmp_path):
     assert logged.history.history["accuracy"] == pytest.approx(plain.history.history["accuracy"])
     epoch_rows = [r for r in log.rows if r["event"] == "epoch"]
     assert [r["train_loss"] for r in epoch_rows] == pytest.approx(plain.history.history["loss"])
+
+
+def test_compares_every_optimizer_by_default_and_tengrad_alone_on_request():
+    cfg = _config()
+    assert cfg["optimizers"] == ["tengrad", "sgd", "adam", "kfac"]
+    assert cfg["target"] == 0.85
+    assert _config("--optimizer", "tengrad")["optimizers"] == ["tengrad"]
+    with pytest.raises(SystemExit) as e:
+        _config("--target", "1.5")
+    assert e.value.code == 2
+
+
+def test_first_reaching():
+    rows = [{"test_accuracy": a, "step": s} for s, a in [(0, 0.1), (5, 0.86), (10, 0.84)]]
+    assert train.first_reaching(rows, 0.85)["step"] == 5
+    assert train.first_reaching(rows, 0.9) is None
 
 
 def test_preset_then_cli_overrides():

@@ -17,26 +17,19 @@ import tensorflow as tf
 
 import tengrad_tf
 from tengrad_tf.kfac import KFAC
-from tests.test_optimizer import data, mlp
-
-
-def sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+from tests import helpers
+from tests.helpers import data, mlp, per_sample_sce, sce
 
 
 def weights(model):
+    """In the variables' shapes (unlike helpers.weights): the reference's directions are too."""
     return {v.path: v.numpy().astype(np.float64).copy() for v in model.trainable_variables}
 
 
 def plain(**kw):
-    base = dict(momentum=0.0, weight_decay=None, kl_clip=None, fisher="empirical",
-                cov_update_freq=1, inv_update_freq=1)
-    base.update(kw)
-    return KFAC(**base)
+    """K-FAC taking one plain damped step per call (helpers.plain), on the empirical Fisher unless
+    told otherwise."""
+    return helpers.plain(KFAC, **{"fisher": "empirical", **kw})
 
 
 # ---- the reference ------------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -12,40 +13,9 @@ import tensorflow as tf
 import tengrad_tf
 from tengrad_tf import TENGraD, fisher
 from tests import reference
+from tests.helpers import data, mlp, per_sample_sce, plain, sce, weights
 
-def sce():
-    # Built per test: a Loss takes its dtype from floatx when constructed.
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-
-def mlp(use_bias=True, inputs=5, hidden=4, classes=3):
-    return keras.Sequential([
-        keras.Input((inputs,)),
-        keras.layers.Dense(hidden, activation="tanh", use_bias=use_bias),
-        keras.layers.Dense(classes, use_bias=use_bias),
-    ])
-
-
-def data(m, inputs=5, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(m, inputs)).astype(keras.config.floatx())
-    y = rng.integers(0, classes, size=m)
-    return x, y
-
-
-def plain(**kw):
-    base = dict(momentum=0.0, weight_decay=None, kl_clip=None, curvature_update_freq=1,
-                adaptive_damping=False)
-    base.update(kw)
-    return TENGraD(**base)
-
-
-def weights(model):
-    return {v.path: v.numpy().astype(np.float64).ravel() for v in model.trainable_variables}
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("fisher_type", ["empirical", "true"])
@@ -542,38 +512,16 @@ def test_true_fisher_backward_pass_runs_only_on_curvature_update_steps(samples, 
     assert int(counter.numpy()) == expected  # training passes + sampled passes
 
 
-_GRAPPLER_SCRIPT = """
-import keras, numpy as np
-from tengrad_tf import KFAC, TENGraD
-x = np.random.default_rng(0).normal(size=(64, 6, 6, 1)).astype("float32")
-y = np.arange(64) % 3
-for opt in [TENGraD(fisher="true", curvature_update_freq=1), TENGraD(fisher="empirical"),
-            TENGraD(curvature_update_freq=3, kl_clip=None), KFAC()]:
-    model = keras.Sequential([keras.Input((6, 6, 1)), keras.layers.Conv2D(4, 3),
-                              keras.layers.Flatten(), keras.layers.Dense(3)])
-    model.compile(optimizer=opt,
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
-# A tiny WRN: blocks whose Gram route is chosen by the batch size, which is static here.
-from tengrad_tf import models
-wrn = models.build_model("wrn_28_4", (8, 8, 3), 3, depth=10, widen_factor=1, width_multiplier=0.25)
-wrn.compile(optimizer=TENGraD(fisher="empirical"),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-wrn.fit(np.random.default_rng(1).normal(size=(16, 8, 8, 3)).astype("float32"), y[:16],
-        batch_size=16, epochs=2, verbose=0)
-print("ok")
-"""
-
-
 def test_train_step_graph_passes_grappler():
     """Grappler must be able to optimize the step: when it cannot sort the graph (a while loop in
     a cond branch that it prunes, as the small blocks' explicit inverse once had), TF logs an
     error and runs the whole step unoptimized. Small blocks (the direct inverse), both Fisher
     modes, every-step and reused curvature, K-FAC, and blocks whose Gram route depends on the
     batch size (once a tf.cond on a constant predicate), with a static batch size."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "-c", _GRAPPLER_SCRIPT], capture_output=True,
-                         text=True, env=env, timeout=300)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "scripts" / "grappler_fit.py")],
+                         capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ok" in out.stdout
     for symptom in ("topological order", "function optimization failure", "failed: INVALID_ARG"):
@@ -587,9 +535,8 @@ def test_variables_without_a_block_take_keras_adams_step(float64):
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
                               keras.layers.PReLU(), keras.layers.Dense(3)])
     x, y = data(8)
-    opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical", first_order_learning_rate=0.01,
-                  adaptive_damping=False)
+    opt = plain(learning_rate=0.125, damping=0.05, fisher="empirical",
+                first_order_learning_rate=0.01)
     bn = model.layers[1].trainable_variables  # PReLU's α: no block
 
     @tf.function

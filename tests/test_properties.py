@@ -17,11 +17,11 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tengrad_tf import TENGraD, fisher
+from tengrad_tf import fisher
 from tests import reference
+from tests.helpers import LR, per_sample_sce, plain
 
 SETTINGS = settings(max_examples=10, deadline=None, derandomize=True, database=None)
-LR = 0.125  # exact in float32: Keras keeps the learning rate in a float32 variable
 CLASSES = 3
 
 
@@ -37,10 +37,6 @@ def float64_policy():
         keras.config.set_dtype_policy(policy)
 
 
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-
 def check_one_step(layer, input_shape, m, damping, fisher_type, seed):
     """Input → layer (tanh) → Flatten → Dense(3): one fit step is θ − lr·(F + λI)⁻¹g per block."""
     keras.utils.set_random_seed(seed)
@@ -52,8 +48,7 @@ def check_one_step(layer, input_shape, m, damping, fisher_type, seed):
     y_fisher = rng.integers(0, CLASSES, m) if fisher_type == "true" else y
     expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_sce, damping)
     before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
-    opt = TENGraD(learning_rate=LR, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher=fisher_type, adaptive_damping=False)
+    opt = plain(learning_rate=LR, damping=damping, fisher=fisher_type)
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fisher, "sample_labels",

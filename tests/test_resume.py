@@ -11,7 +11,6 @@ it changes the weights by orders of magnitude more (the control requires > 1e-4 
 import os
 import subprocess
 import sys
-import textwrap
 
 import keras
 import numpy as np
@@ -24,6 +23,7 @@ from tengrad_tf.blocks import base
 B, N, M = 8, 5, 4  # batch, steps before the save, steps after it
 RTOL, ATOL = 1e-6, 1e-7
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPTS = os.path.join(REPO, "tests", "scripts")  # what runs in the fresh processes
 
 # Curvature refreshes: TENGraD at steps 0, 3, 6; K-FAC factors at 0, 2, 4, 6, inverses at 0, 3, 6.
 # The save after step 4 (iterations = 5) is inside a reuse window of every one of them. Momentum
@@ -87,26 +87,6 @@ class SaveAfter(keras.callbacks.Callback):
             self.model.save(self.path)
 
 
-CHILD = textwrap.dedent(f"""
-    import sys
-    import keras, numpy as np
-    import tengrad_tf  # registers TENGraD and KFAC as serializable
-    from tengrad_tf.blocks import base
-    folder, runs = sys.argv[1], sys.argv[2:]
-    d = np.load(f"{{folder}}/data.npz")
-    for run in runs:
-        name, direct_max_dim = run.split("=")
-        base.DIRECT_MAX_DIM = int(direct_max_dim)  # the cache kind of the saving process
-        control = name.endswith("+no-curvature")
-        model = keras.models.load_model(f"{{folder}}/{{name.removesuffix('+no-curvature')}}.keras")
-        if control:  # what a file without curvature gives: the first step recomputes it
-            model.optimizer._pending_state.clear()
-        model.fit(d["x"][{N * B}:], d["y"][{N * B}:], batch_size={B}, shuffle=False, verbose=0)
-        assert int(model.optimizer.iterations.numpy()) == {N + M}
-        np.savez(f"{{folder}}/{{name}}.npz", *model.get_weights())
-""")
-
-
 def test_keras_file_resumed_in_a_fresh_process_equals_the_uninterrupted_run(tmp_path,
                                                                             monkeypatch):
     x, y = data()
@@ -123,8 +103,9 @@ def test_keras_file_resumed_in_a_fresh_process_equals_the_uninterrupted_run(tmp_
     runs = [f"{name}={DIRECT_MAX_DIM.get(name, 0)}" for name in CONFIGS]
     runs.append("tengrad-true+no-curvature=0")
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path), *runs], env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "resume_child.py"),
+                           str(tmp_path), *runs], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
     def resumed(name):
@@ -232,42 +213,11 @@ def test_sampled_labels_depend_on_the_seed_and_the_step_only():
     assert seeds[0] == seeds[1] != seeds[2]
 
 
-MIRRORED = textwrap.dedent("""
-    import tensorflow as tf
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    import keras, numpy as np
-    from tengrad_tf import TENGraD
-    from tengrad_tf.blocks import base
-    from tests.test_resume import B, N, RTOL, build, data, fit, max_rel_diff
-    base.DIRECT_MAX_DIM = 0  # factored caches: J and (A, G)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    x, y = data()
-    make = lambda: build(TENGraD(learning_rate=0.05, fisher="true", curvature_update_freq=3))
-    with strategy.scope():
-        model = make()
-    fit(model, x[:N * B], y[:N * B])
-    model.save(PATH)
-    saved = {k: [v.numpy() for v in b.state_variables.values()]
-             for k, b in zip("cd", model.optimizer._blocks.values())}
-    fit(model, x[N * B:], y[N * B:])
-    with strategy.scope():
-        resumed = keras.models.load_model(PATH)
-    fit(resumed, x[N * B:(N + 1) * B], y[N * B:(N + 1) * B])  # a reuse step: the cache is kept
-    for k, b in zip("cd", resumed.optimizer._blocks.values()):
-        for want, v in zip(saved[k], b.state_variables.values()):
-            for copy in strategy.experimental_local_results(v):
-                np.testing.assert_array_equal(copy.numpy(), want)
-    fit(resumed, x[(N + 1) * B:], y[(N + 1) * B:])
-    assert max_rel_diff(resumed.get_weights(), model.get_weights()) <= RTOL
-""")
-
-
 def test_keras_file_resumes_every_replica_under_mirrored_strategy(tmp_path):
     """The pending state is restored while one replica traces the step: every replica's copy of
     the (replica-local) cache must get it, not only that replica's."""
-    script = MIRRORED.replace("PATH", repr(str(tmp_path / "m.keras")))
     env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2")
-    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+    done = subprocess.run([sys.executable, os.path.join(SCRIPTS, "resume_mirrored.py"),
+                           str(tmp_path / "m.keras")], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

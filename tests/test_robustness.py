@@ -13,44 +13,15 @@ import pytest
 import tensorflow as tf
 
 from tengrad_tf import KFAC, TENGraD, callbacks, fisher
-from tests import reference
-
-LR, DAMPING = 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
-
-
-def sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+from tests import helpers, reference
+from tests.helpers import (DAMPING, LR, data, mlp, per_sample_sce, sce, tensor_sizes, train_step,
+                           weights)
 
 
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-
-def mlp(inputs=5, hidden=4, classes=3, **dense):
-    return keras.Sequential([keras.Input((inputs,)),
-                             keras.layers.Dense(hidden, activation="tanh", **dense),
-                             keras.layers.Dense(classes)])
-
-
-def data(m, inputs=5, classes=3, seed=0):
-    rng = np.random.default_rng(seed)
-    return rng.normal(size=(m, inputs)).astype(keras.config.floatx()), rng.integers(0, classes, m)
-
-
-def plain(cls=TENGraD, **kw):
+def plain(**kw):
     """One exact natural-gradient step per call: no momentum, clipping or reuse; d = g for
     variables without a block, as the reference has it."""
-    base = dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None, first_order="sgd")
-    if cls is TENGraD:
-        base["adaptive_damping"] = False
-    base.update(dict(curvature_update_freq=1) if cls is TENGraD else
-                 dict(cov_update_freq=1, inv_update_freq=1))
-    base.update(kw)
-    return cls(**base)
-
-
-def weights(model):
-    return {v.path: v.numpy().astype(np.float64).ravel() for v in model.trainable_variables}
+    return helpers.plain(**{"learning_rate": LR, "damping": DAMPING, "first_order": "sgd", **kw})
 
 
 def assert_step(before, after, expected, lr=LR, rtol=1e-9, atol=1e-12):
@@ -511,36 +482,6 @@ def test_unmasked_sequences_true_fisher_averages_over_positions(float64, monkeyp
                               keras.layers.Dense(4, activation="tanh"), keras.layers.Dense(3)])
     fit_one_step(model, tokens, y, sce(), masked_mean_sce(np.ones_like(y)), "true", (y + 2) % 3,
                  monkeypatch)
-
-
-# =========================================================================== memory
-def tensor_sizes(function, *specs, unknown_dim: int) -> list[tuple[int, str]]:
-    """(elements, op name) of every tensor in the traced graph of `function`, nested graphs
-    (tf.cond branches, map_fn loop bodies) included, from the shapes TF infers while tracing.
-    A dimension TF could not infer (a chunk count, an m-sized identity) is taken as
-    `unknown_dim` (the batch size: only sample counts are dynamic in a static-batch trace)."""
-    graph_def = function.get_concrete_function(*specs).graph.as_graph_def(add_shapes=True)
-    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
-    sizes = []
-    for node in nodes:
-        for shape in node.attr["_output_shapes"].list.shape:
-            assert not shape.unknown_rank, node.name
-            dims = [unknown_dim if d.size < 0 else d.size for d in shape.dim]
-            sizes.append((int(np.prod(dims)), node.name))
-    return sizes
-
-
-def train_step(model, opt):
-    loss_fn = sce()
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = loss_fn(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-
-    return step
 
 
 def test_no_d_by_d_matrix_for_a_large_dense_layer():

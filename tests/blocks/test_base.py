@@ -4,12 +4,11 @@ import keras
 import numpy as np
 import pytest
 
-from tengrad_tf import TENGraD
 from tengrad_tf.blocks import CacheKind, FisherBlock
 from tengrad_tf.blocks import base
 from tests import reference
-from tests.blocks.test_conv import conv_model, one_step_matches_reference, per_sample_sce
-from tests.test_optimizer import data, mlp
+from tests.blocks.test_conv import conv_model, one_step_matches_reference
+from tests.helpers import data, mlp, per_sample_sce, plain
 
 
 @pytest.mark.parametrize("m", [40, 8])  # d = 6·4 = 24 and 5·3 = 15 (+ bias): m ≥ d and m < d
@@ -37,8 +36,7 @@ def test_inverse_is_reused_between_updates(float64, direct_inverse):
     model = mlp()
     x, y = data(16)
     x0, y0, x1, y1 = x[:8], y[:8], x[8:], y[8:]
-    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=2, fisher="empirical", adaptive_damping=False)
+    opt = plain(learning_rate=lr, damping=damping, curvature_update_freq=2, fisher="empirical")
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     # Curvature of step 0: batch 0's per-sample gradients at the initial weights.
     u0 = reference.per_sample_gradients(model, x0, y0, per_sample_sce, model.trainable_variables)

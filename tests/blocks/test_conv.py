@@ -8,21 +8,16 @@ import keras
 import numpy as np
 import pytest
 
-from tengrad_tf import TENGraD
 from tengrad_tf.blocks import CacheKind, FisherBlock
 from tests import reference
-
-
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+from tests.helpers import per_sample_sce, plain
 
 
 def one_step_matches_reference(model, x, y, damping=0.05, lr=0.125):
     """Run one fit step (empirical Fisher, no momentum/clip) and compare with the reference."""
     expected, _ = reference.reference_directions(model, x, y, y, per_sample_sce, damping)
     before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
-    opt = TENGraD(learning_rate=lr, damping=damping, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical", adaptive_damping=False)
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical")
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=len(x), epochs=1, shuffle=False, verbose=0)
     for v in model.trainable_variables:
@@ -156,9 +151,7 @@ def test_small_cnn_with_batchnorm_and_pooling(float64):
     expected.update(direction(u2, dense.kernel, dense.bias))
     expected.update({bn.gamma.path: d_bn[:2], bn.beta.path: d_bn[2:]})
     before = {v.path: v.numpy().ravel() for v in variables}
-    opt = TENGraD(learning_rate=0.125, damping=0.05, momentum=0.0, kl_clip=None,
-                  curvature_update_freq=1, fisher="empirical", first_order="sgd",
-                  adaptive_damping=False)
+    opt = plain(learning_rate=0.125, damping=0.05, fisher="empirical", first_order="sgd")
     model.compile(optimizer=opt, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     for v in variables:

@@ -7,25 +7,10 @@ d = g for variables without a block, fresh curvature, the empirical Fisher or th
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 
-from tengrad_tf import TENGraD
 from tests import reference
-
-LR, DAMPING = 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
-
-
-def sce():
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-
-
-def per_sample_sce(y, logits):
-    return keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
-
-
-def weights(model):
-    return {v.path: v.numpy().astype(np.float64).ravel() for v in model.trainable_variables}
+from tests.helpers import DAMPING, LR, per_sample_sce, plain, sce, weights
 
 
 def fit_matches_reference(model, x, y, fisher_type, sampled_labels, classes=3, blocks=None,
@@ -41,9 +26,8 @@ def fit_matches_reference(model, x, y, fisher_type, sampled_labels, classes=3, b
     expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_loss, DAMPING,
                                                  blocks=blocks)
     before = weights(model)
-    opt = TENGraD(**{**dict(learning_rate=LR, damping=DAMPING, momentum=0.0, kl_clip=None,
-                            curvature_update_freq=1, fisher=fisher_type, first_order="sgd",
-                            adaptive_damping=False), **optimizer})
+    opt = plain(**{**dict(learning_rate=LR, damping=DAMPING, fisher=fisher_type,
+                          first_order="sgd"), **optimizer})
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=len(y), epochs=1, shuffle=False, verbose=0)
     after = weights(model)

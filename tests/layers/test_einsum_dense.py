@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from tengrad_tf import TENGraD
-from tests.layers.exactness import fit_matches_reference, sce, treatment
+from tests.helpers import sce
+from tests.layers.exactness import fit_matches_reference, treatment
 
 FISHERS = ["empirical", "true"]
 

@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from tengrad_tf import TENGraD
-from tests.layers.exactness import fit_matches_reference, sce, treatment
-from tests.test_robustness import tensor_sizes, train_step
+from tests.helpers import sce, tensor_sizes, train_step
+from tests.layers.exactness import fit_matches_reference, treatment
 
 FISHERS = ["empirical", "true"]
 

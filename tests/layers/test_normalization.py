@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from tengrad_tf import TENGraD
-from tests.layers.exactness import fit_matches_reference, sce, treatment
+from tests import reference
+from tests.helpers import DAMPING, per_sample_sce, sce
+from tests.layers.exactness import fit_matches_reference, treatment
 
 FISHERS = ["empirical", "true"]
 SCALE_CENTER = [(True, True), (True, False), (False, True)]
@@ -129,9 +131,6 @@ def test_batch_renormalization_is_first_order_by_name():
 def test_the_reference_tells_a_wrong_block_apart(float64):
     """γ and β as two blocks (no cross terms) gives a direction far outside the tolerance of the
     tests above: they would catch a block that dropped β's part of uᵢ or its coupling with γ."""
-    from tests import reference
-    from tests.layers.exactness import DAMPING, per_sample_sce
-
     x, y = data((4, 3))
     norm = keras.layers.LayerNormalization(gamma_initializer="random_normal")
     model = keras.Sequential([keras.Input((4, 3)), norm, keras.layers.Flatten(),
