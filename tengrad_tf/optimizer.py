@@ -37,7 +37,7 @@ class TENGraD(PreconditionedOptimizer):
 
     Usage: `model.compile(optimizer=TENGraD(), loss=..., ...)` then `model.fit(...)`; nothing else.
     Custom loops: compute the loss and call `apply_gradients` in the same `tf.function` as the
-    forward pass (see README, "Custom training loops").
+    forward pass (see docs/usage.md, "Custom training loops").
 
     Args:
         learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`, or callable.
@@ -60,7 +60,7 @@ class TENGraD(PreconditionedOptimizer):
         jit_solve: compile the m × m part of each block (Gram symmetrization, Cholesky with its
             damping retries, triangular solves) with XLA inside a step that is not compiled as a
             whole. "auto": True when TensorFlow sees a GPU, False on CPUs (where XLA's small
-            Cholesky and triangular solves measured slower; README, "XLA"). Decided when the step
+            Cholesky and triangular solves measured slower; docs/resuming.md, "XLA"). Decided when the step
             is first traced.
         max_batch_size: the largest batch the optimizer will see (the global batch under
             tf.distribute), or None. When set, the curvature cache has this fixed size and smaller
@@ -74,8 +74,8 @@ class TENGraD(PreconditionedOptimizer):
             is that of one batch.
 
     Defaults (lr 0.003, λ 0.1, freq 100, κ 1e-2) come from benchmarks/defaults.py: equal training
-    time on Fashion-MNIST against Keras's SGD() and Adam() defaults (README, "How the defaults
-    were chosen").
+    time on Fashion-MNIST against Keras's SGD() and Adam() defaults (docs/defaults.md); the
+    adaptive options and the current four-model study are in docs/step.md.
 
     Reference: Soori, Can, Fu, Mehri Dehnavi, "TENGraD: Time-Efficient Natural Gradient Descent
     with Exact Fisher-Block Inversion", ICML 2021.
