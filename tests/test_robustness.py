@@ -342,15 +342,7 @@ def test_static_batch_cache_takes_smaller_batches_and_refuses_larger_ones(float6
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
     expected = simulate(shadow, batches, freq=1)
-    opt = plain(fisher="empirical")
-
-    @tf.function
-    def step(xb, yb):
-        with tf.GradientTape() as tape:
-            loss = sce()(yb, model(xb, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-
+    step = train_step(model, plain(fisher="empirical"))
     for xb, yb in batches:
         step(tf.constant(xb), tf.constant(yb))
     for (path, w), v in zip(expected.items(), weights(model).values()):
