@@ -88,15 +88,11 @@ def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: fl
                    memory_budget: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
     """What to cache ({"a", "g"}, {"j"} or {"tokens", "g"}) and the Gram K = UᵀU, by route F
     below `threshold` samples and route E above (cost.factored_threshold)."""
-    if cache is CacheKind.TOKENS:
-        ids = tf.concat([helper.tokens(x) for x in inputs], axis=1)
-        g = output_rows(helper, output_grads)
-        cached = {"tokens": tf.cast(ids, helper.dtype), "g": g}
-        return cached, tokens.gram(ids, g, pair_chunk(g, memory_budget))
+    if cache is CacheKind.TOKENS or not cost.is_kronecker(helper):  # one route only
+        fields = cache_fields(helper, cache, inputs, output_grads, memory_budget)
+        return fields, gram_of_fields(fields, memory_budget)
     j = (None if cache is CacheKind.FACTORS
          else per_sample_gradients(helper, inputs, output_grads, memory_budget))
-    if not cost.is_kronecker(helper):
-        return {"j": j}, per_sample.gram_explicit(j)
     p = total_positions(helper, inputs)
     g = output_rows(helper, output_grads)
 
