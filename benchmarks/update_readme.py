@@ -30,7 +30,8 @@ def _renderer(name: str):
 
 
 TABLES = {name: _renderer(name) for name in
-          ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping")}
+          ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping",
+           "first_step")}
 
 
 def extra_tables() -> dict:

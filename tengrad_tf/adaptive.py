@@ -44,10 +44,17 @@ F64 = tf.float64
 MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
 
 
-def dot(xs, ys) -> tf.Tensor:
-    """Σ ⟨x, y⟩ over lists of tensors, in float64."""
-    terms = [tf.reduce_sum(tf.cast(x, F64) * tf.cast(y, F64)) for x, y in zip(xs, ys)]
-    return tf.add_n(terms) if terms else tf.constant(0.0, F64)
+_PAIRS = [[0, 0], [0, 1], [1, 1], [0, 2], [1, 2]]  # of (d, p, g): dd, dp, pp, dg, pg
+
+
+def inner_products(vectors: list[list[tf.Tensor]]) -> tf.Tensor:
+    """The k × k matrix of ⟨xᵢ, xⱼ⟩ (float64) for k vectors, each a list of tensors (a block's
+    variables). One product of the k flattened vectors, not k² sums per variable: the step is
+    traced with a few ops per block instead of some 25 per variable."""
+    dtype = vectors[0][0].dtype
+    rows = tf.cast(tf.stack([tf.concat([tf.reshape(tf.cast(t, dtype), [-1]) for t in x], axis=0)
+                             for x in vectors]), F64)
+    return tf.matmul(rows, rows, transpose_b=True)
 
 
 @dataclasses.dataclass
@@ -69,8 +76,9 @@ class Subspace:
             if project is not None:
                 u_d.append(tf.cast(project(db), F64))
                 u_p.append(tf.cast(project(pb), F64))
-            terms.append(tf.stack([damping * dot(db, db), damping * dot(db, pb),
-                                   damping * dot(pb, pb), dot(gb, db), dot(gb, pb)]))
+            # [dᵀd, dᵀp, pᵀp, dᵀg, pᵀg], the first three times λ
+            products = tf.gather_nd(inner_products([db, pb, gb]), _PAIRS)
+            terms.append(products * tf.stack([damping, damping, damping, 1.0, 1.0]))
         dd, dp, pp, gd, gp = tf.unstack(tf.add_n(terms))
         if u_d:
             u_d, u_p = tf.add_n(u_d), tf.add_n(u_p)
@@ -99,6 +107,24 @@ class Subspace:
         safe = tf.where(ok, det, tf.ones_like(det))
         return tf.stack([tf.where(ok, (pp * gd - dp * gp) / safe, gd / dd),
                          tf.where(ok, (dd * gp - dp * gd) / safe, tf.zeros_like(det))])
+
+
+def model_value(blocks, s, g, samples=None) -> tf.Tensor:
+    """M(s) = −gᵀs + ½ sᵀCs for one step s, with `blocks`, the lists and `samples` as in
+    `Subspace.of`: one projection U_bᵀs per block, where the model of span{d, p} needs two."""
+    u, terms = [], []
+    for project, damping, ids in blocks:
+        sb, gb = [s[i] for i in ids], [g[i] for i in ids]
+        if project is not None:
+            u.append(tf.cast(project(sb), F64))
+        products = inner_products([sb, gb])
+        terms.append(0.5 * damping * products[0, 0] - products[0, 1])
+    value = tf.add_n(terms)
+    if u:
+        u = tf.add_n(u)
+        m = tf.cast(tf.shape(u)[0] if samples is None else samples, F64)
+        value += 0.5 * tf.reduce_sum(u * u) / m
+    return value
 
 
 def adam_model(g, step, velocity, eta) -> tf.Tensor:

@@ -29,7 +29,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
-from tengrad_tf import binding, capture, distribute, first_order
+from tengrad_tf import binding, capture, distribute, eager_state, first_order
 from tengrad_tf.directions import Directions
 from tengrad_tf.first_order import FIRST_ORDER_ADAM
 from tengrad_tf.record import StepView
@@ -208,7 +208,10 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
         # check need dense tensors (an IndexedSlices cannot be multiplied), so they are densified.
         grads = [tf.convert_to_tensor(g) if isinstance(g, tf.IndexedSlices) else g for g in grads]
         if not self.built:
-            self.build(variables)
+            # Keras builds the optimizer in the first traced step (unless a distribution strategy
+            # is set); made there, its variables would make TensorFlow trace the step twice.
+            with eager_state.outside_the_step():
+                self.build(variables)
         pairs = self._bind(record, variables, grads)
         step = self._start(record, variables, grads)
         self._curvature(step, pairs)

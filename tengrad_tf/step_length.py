@@ -75,7 +75,7 @@ class StepLength:
                                              [grads[i] for i in step.first_order])
                 step.d_dot_g = d_dot_g
         step.directions = directions
-        step.adapting = self._begin_adaptation(step, subspace)
+        step.adapting = self._begin_adaptation(step, modelled, samples)
         if self._diagnostics:
             self.direction_norm.assign(tf.sqrt(inner_product(directions, directions)))
 
@@ -105,7 +105,7 @@ class StepLength:
             return tf.convert_to_tensor(self.damping_variable)
         return tf.constant(self.damping, tf.float64)
 
-    def _begin_adaptation(self, step: Step, subspace):
+    def _begin_adaptation(self, step: Step, modelled, samples):
         """On the steps that adapt λ (every damping_adaptation_interval, adaptive.py): h(θ) and the
         model's M(s) before the update. None when λ is fixed, or when the step cannot be replayed
         exactly (the reason is logged)."""
@@ -132,15 +132,21 @@ class StepLength:
         stepped = [(v, self._before_step[self._get_variable_index(v)],
                     self._momentums[self._get_variable_index(v)])
                    for v, g in zip(variables, grads) if g is not None]
-        if self.adaptive_learning_rate:
-            coefficients = tf.constant([1.0, 0.0], tf.float64)  # directions hold s itself
-        else:
-            lr = tf.cast(self.learning_rate, tf.float64)
-            coefficients = tf.stack([lr, lr * self.momentum])
         adam = [i for i in step.first_order if self.first_order == FIRST_ORDER_ADAM]
 
         def predict():
-            predicted = subspace(directions).value(coefficients)
+            if self.adaptive_learning_rate:  # the directions hold the step s itself
+                s = directions
+            else:  # s = lr·(d + μ p), p the momentum buffer (update_step's rule)
+                lr = tf.cast(self.learning_rate, tf.float64)
+                s = {}
+                for i in {i for _, _, ids in modelled for i in ids}:
+                    d, dtype = directions[i], directions[i].dtype
+                    if self.momentum:
+                        p = self._momentums[self._get_variable_index(variables[i])]
+                        d = d + self.momentum * tf.cast(p, dtype)
+                    s[i] = tf.cast(lr, dtype) * d
+            predicted = adaptive.model_value(modelled, s, grads, samples)
             if adam:  # Adam's own diagonal model of its step (adaptive.adam_model)
                 lr = self.learning_rate
                 moments = [self._adam_moments(
@@ -148,7 +154,7 @@ class StepLength:
                                 for moment in (self._momentums, self._velocities)],
                     lr, tf.float64) for i in adam]
                 predicted += adaptive.adam_model([grads[i] for i in adam],
-                                                 [s for _, _, s in moments],
+                                                 [delta for _, _, delta in moments],
                                                  [v for _, v, _ in moments], self._adam_rate(lr))
             return predicted
 

@@ -40,15 +40,18 @@ def factorize(gram: tf.Tensor, damping, max_retries: int = 6, jit: bool = False,
 
     `samples`: m, when K is zero-padded beyond the m samples (a fixed-capacity cache; the padded
     diagonal then holds m·λ instead of 1, which leaves the solve of the real rows unchanged).
-    `jit`: compile this with XLA (see `_factorize_xla` at the end of the module)."""
-    if jit:
-        return DampedGram(*_factorize_xla(gram, damping, max_retries, samples))
+    `jit`: compile this with XLA (see `_factorize_xla` at the end of the module). Without it, it
+    is one shared graph function all the same (`_factorize_graph`)."""
+    factor = _factorize_xla if jit else _factorize_graph
+    return DampedGram(*factor(gram, _as_solve_dtype(damping), max_retries, samples))
+
+
+def _factorize(gram: tf.Tensor, damping: tf.Tensor, max_retries: int, samples) -> DampedGram:
+    """`factorize`'s ops (the body of its graph functions)."""
     k = tf.cast(gram, SOLVE_DTYPE)
     k = 0.5 * (k + tf.transpose(k))  # K is symmetric in exact arithmetic; float32 rounding is not
     m = tf.cast(tf.shape(k)[0] if samples is None else samples, SOLVE_DTYPE)
     eye = tf.eye(tf.shape(k)[0], dtype=SOLVE_DTYPE)
-    # convert_to_tensor, not cast: tf.cast(0.05, float64) goes through float32 and rounds λ.
-    lam0 = tf.cast(tf.convert_to_tensor(damping, dtype_hint=SOLVE_DTYPE), SOLVE_DTYPE)
 
     def attempt(lam):
         return tf.linalg.cholesky(k + (m * lam) * eye)
@@ -70,7 +73,7 @@ def factorize(gram: tf.Tensor, damping, max_retries: int = 6, jit: bool = False,
         return retries + 1, lam, attempt(lam)
 
     retries, lam, chol = tf.while_loop(
-        cond, body, (tf.constant(0), lam0, attempt(lam0)), maximum_iterations=max_retries
+        cond, body, (tf.constant(0), damping, attempt(damping)), maximum_iterations=max_retries
     )
     return DampedGram(chol, lam, retries)
 
@@ -157,7 +160,13 @@ def _as_solve_dtype(damping) -> tf.Tensor:
 # dynamic batch size costs one compilation per distinct size, e.g. a smaller last batch). Inside a
 # step compiled as a whole (jit_compile=True) these calls are simply part of that compilation.
 _factorize_xla = tf.function(lambda gram, damping, max_retries, samples: tuple(
-    factorize(gram, damping, max_retries, samples=samples)), jit_compile=True,
-    reduce_retracing=True)
+    _factorize(gram, damping, max_retries, samples)), jit_compile=True, reduce_retracing=True)
+# Without XLA the factorization is a graph function too, for the time it takes to trace a step:
+# inlined, its retry loop is some 130 ops per call, and a step with adaptive damping calls it twice
+# per block (fresh and refactored curvature), on 3C1F a fifth of the step's ops. As one function,
+# it is traced once per process (per Gram dtype and max_retries) and each call is one op; grappler
+# inlines it again, so the step runs what it ran before (docs/performance.md, the first step).
+_factorize_graph = tf.function(lambda gram, damping, max_retries, samples: tuple(
+    _factorize(gram, damping, max_retries, samples)), reduce_retracing=True)
 _cholesky_solve_xla = tf.function(tf.linalg.cholesky_solve, jit_compile=True,
                                   reduce_retracing=True)

@@ -32,8 +32,11 @@ def next_damping(lam, rho, every):
     return float(np.clip(new, 1e-8, 1e4))
 
 
-def simulate(model, x, y, m, steps, freq, damping, momentum):
-    """The adaptive TENGraD step, in numpy, on a clone of `model`: [(weights, a, ρ, λ)] per step."""
+def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto"):
+    """The adaptive TENGraD step, in numpy, on a clone of `model`: [(weights, a, ρ, λ)] per step.
+
+    learning_rate="auto": the step is the model's minimizer in span{d, previous step}. A float:
+    Keras's momentum (buffer ← μ·buffer + d, step lr·buffer) and λ never below its initial value."""
     variables = model.trainable_variables
     paths = [v.path for v in variables]
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
@@ -60,7 +63,9 @@ def simulate(model, x, y, m, steps, freq, damping, momentum):
         gram = np.array([[dv @ curvature @ dv, dv @ curvature @ pv],
                          [pv @ curvature @ dv, pv @ curvature @ pv]])
         b = np.array([gv @ dv, gv @ pv])
-        if momentum == "auto":
+        if learning_rate != "auto":  # p is the momentum buffer
+            a = np.array([learning_rate, learning_rate * momentum])
+        elif momentum == "auto":
             a = np.linalg.solve(gram, b) if pv.any() else np.array([b[0] / gram[0, 0], 0.0])
         else:
             a = np.array([(b[0] - momentum * gram[0, 1]) / gram[0, 0], momentum])
@@ -70,9 +75,12 @@ def simulate(model, x, y, m, steps, freq, damping, momentum):
         offsets = np.cumsum([0] + [int(np.prod(v.shape)) for v in variables])
         for v, lo, hi in zip(variables, offsets[:-1], offsets[1:]):
             v.assign(v.numpy() - sv[lo:hi].reshape(v.shape))
-        previous = {p: sv[lo:hi] for p, lo, hi in zip(paths, offsets[:-1], offsets[1:])}
+        kept = sv if learning_rate == "auto" else sv / learning_rate  # the step, or the buffer
+        previous = {p: kept[lo:hi] for p, lo, hi in zip(paths, offsets[:-1], offsets[1:])}
         rho = (loss(xb, yb) - before) / predicted
         lam = next_damping(lam, rho, every=1)
+        if learning_rate != "auto":
+            lam = max(lam, damping)
         if not rho >= 0:  # the loss rose: the step is taken back, momentum cleared
             for v, lo, hi in zip(variables, offsets[:-1], offsets[1:]):
                 v.assign(v.numpy() + sv[lo:hi].reshape(v.shape))
@@ -100,6 +108,30 @@ def test_adaptive_step_matches_the_float64_simulation(float64, momentum):
             np.testing.assert_allclose(v.numpy(), w, rtol=1e-9, atol=1e-12,
                                        err_msg=f"step {t} {v.path}")
         np.testing.assert_allclose(opt.step_coefficients.numpy(), a, rtol=1e-9)
+        np.testing.assert_allclose(opt.reduction_ratio.numpy(), rho, rtol=1e-7)
+        np.testing.assert_allclose(opt.damping_variable.numpy(), lam, rtol=1e-12)
+    assert len({round(e[3], 12) for e in expected}) > 1  # λ did change between updates
+
+
+def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simulation(float64):
+    """The default mode: M(s) of the momentum step s = lr·(d + μ·buffer), ρ, λ (floored at λ₀) and
+    the steps taken back, against the simulation."""
+    m, steps, freq, damping, lr, momentum = 8, 6, 3, 0.05, 1.5, 0.9
+    model = mlp()
+    shadow = keras.models.clone_model(model)
+    shadow.set_weights(model.get_weights())
+    x, y = data(m * steps)
+    expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate=lr)
+    opt = TENGraD(learning_rate=lr, momentum=momentum, damping=damping, kl_clip=None,
+                  fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
+                  damping_adaptation_interval=1)
+    model.compile(optimizer=opt, loss=sce())
+    for t in range(steps):
+        model.train_on_batch(x[t * m:(t + 1) * m], y[t * m:(t + 1) * m])
+        weights, _, rho, lam = expected[t]
+        for v, w in zip(model.trainable_variables, weights):
+            np.testing.assert_allclose(v.numpy(), w, rtol=1e-9, atol=1e-12,
+                                       err_msg=f"step {t} {v.path}")
         np.testing.assert_allclose(opt.reduction_ratio.numpy(), rho, rtol=1e-7)
         np.testing.assert_allclose(opt.damping_variable.numpy(), lam, rtol=1e-12)
     assert len({round(e[3], 12) for e in expected}) > 1  # λ did change between updates

@@ -14,7 +14,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tengrad_tf import layers, woodbury
+from tengrad_tf import eager_state, layers, woodbury
 from tengrad_tf.blocks import cost, gram, per_sample, schedule, tokens
 from tengrad_tf.blocks.cache import Cache, capacity_for
 from tengrad_tf.blocks.cost import CacheKind
@@ -153,7 +153,7 @@ class FisherBlock(CurvatureBlock):
              **{n: (shape, woodbury.SOLVE_DTYPE) for n, shape in solve_state.items()}},
             capacity, self.max_batch_size, ones=("damping",))
         if self.diagnostics:
-            with tf.init_scope():
+            with eager_state.outside_the_step():
                 self.condition = tf.Variable(tf.constant(0.0, woodbury.SOLVE_DTYPE),
                                              trainable=False, name=f"{self.layer.name}_condition")
         return True
@@ -252,13 +252,15 @@ class FisherBlock(CurvatureBlock):
             lam = self._damping_now()
 
             def refactor():  # λ changed since the factorization: same Gram, new λ
-                damped = woodbury.factorize(cached["gram"], lam, self.max_damping_retries,
-                                            jit=self.jit_solve, samples=cached["samples"])
-                return {**cached, "cholesky": damped.cholesky, "damping": damped.damping,
-                        "requested": lam}, damped.retries
+                return tuple(woodbury.factorize(cached["gram"], lam, self.max_damping_retries,
+                                                jit=self.jit_solve, samples=cached["samples"]))
 
-            return tf.cond(tf.equal(cached["requested"], lam),
-                           lambda: (cached, tf.constant(0)), refactor)
+            # Only the factorization passes through the cond: the rest of the cache does not
+            # change, and every tensor through a cond is a few more ops to trace.
+            cholesky, damping, retries = tf.cond(
+                tf.equal(cached["requested"], lam),
+                lambda: (cached["cholesky"], cached["damping"], tf.constant(0)), refactor)
+            return {**cached, "cholesky": cholesky, "damping": damping, "requested": lam}, retries
 
         return tf.cond(self.is_update(step), fresh, reuse)
 

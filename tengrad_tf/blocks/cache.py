@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tengrad_tf import _tf_private, distribute
+from tengrad_tf import _tf_private, distribute, eager_state
 
 
 class XlaCacheError(RuntimeError):
@@ -70,7 +70,7 @@ class Cache:
                                shape=tf.TensorShape(shape), trainable=False,
                                name=f"{layer_name}_{name}", **distribute.REPLICA_LOCAL)
 
-        with tf.init_scope():
+        with eager_state.outside_the_step():
             self.variables = {n: var(n, shape, dtype) for n, (shape, dtype) in fields.items()}
             # False until curvature is first stored: a fresh or restored optimizer that starts in
             # the middle of a reuse window must not precondition with an empty cache.

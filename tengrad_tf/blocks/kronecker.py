@@ -66,7 +66,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tengrad_tf import distribute, layers
+from tengrad_tf import distribute, eager_state, layers
 from tengrad_tf.blocks import schedule
 from tengrad_tf.blocks.protocol import CurvatureBlock
 from tengrad_tf.layers import Structure
@@ -151,7 +151,7 @@ class KroneckerBlock(CurvatureBlock):
 
         a_shape = [self.d_in] if self.diagonal else self._factor_shape(self.d_in)
         g_shape = self._factor_shape(self.d_out)
-        with tf.init_scope():
+        with eager_state.outside_the_step():
             self._state = {"A": var("A", a_shape), "G": var("G", g_shape),
                            "A_inv": var("A_inv", a_shape), "G_inv": var("G_inv", g_shape)}
             # Committed factor updates so far (0: the factors and inverses hold nothing yet).

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tengrad_tf import distribute, woodbury
+from tengrad_tf import distribute, eager_state, woodbury
 
 
 class NetworkSolve:
@@ -45,7 +45,7 @@ class NetworkSolve:
                                         woodbury.SOLVE_DTYPE), shape=tf.TensorShape(shape),
                                trainable=False, name=f"network_{name}", **distribute.REPLICA_LOCAL)
 
-        with tf.init_scope():
+        with eager_state.outside_the_step():
             self._cache = {n: var(n, [capacity, capacity]) for n in names}
             scalars = ["damping"] + (["requested", "samples"] if self.adaptive_damping else [])
             self._cache.update({n: var(n, []) for n in scalars})
