@@ -32,8 +32,9 @@ What this module does not do: any Fisher math. It only hands tensors to the bloc
 Private API: only through `_tf_private`. The patch replaces the public `call` methods of the layer
 classes the helpers handle (the class that defines each one's `call`, found from the public classes:
 `layers.captured_classes`), `keras.layers.Layer.__call__` (which only notes the layer),
-`keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss` and
-`tf.GradientTape.gradient`, and keeps the originals, which `release` puts back when the last
+`keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss`,
+`tf.GradientTape.gradient` and `keras.Model.compute_metrics` (only to make the compiled metrics'
+variables outside the traced step, eager_state.py), and keeps the originals, which `release` puts back when the last
 optimizer is gone. Checked against Keras 3.15 and TensorFlow 2.21.
 """
 
@@ -47,7 +48,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
-from tengrad_tf import _tf_private, backward, layers
+from tengrad_tf import _tf_private, backward, eager_state, layers
 from tengrad_tf.record import (AmbiguousStepError, BindingError, LayerCall, LossCall, ModelCall,
                                Record)
 
@@ -239,6 +240,16 @@ def _capturing_model_call(original: Callable) -> Callable:
     return __call__
 
 
+def _metrics_made_outside_the_step(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def compute_metrics(self, *args, **kwargs):
+        # Keras builds the compiled metrics in the first traced step; made there, their variables
+        # would make TensorFlow trace the whole step (TENGraD's included) a second time.
+        with eager_state.initializers_outside_the_step():
+            return original(self, *args, **kwargs)
+    return compute_metrics
+
+
 def _capturing_scale_loss(original: Callable) -> Callable:
     @functools.wraps(original)
     def scale_loss(self, loss):
@@ -269,6 +280,7 @@ def _patches() -> list[tuple[Any, str, Callable]]:
         (tf.GradientTape, "gradient", backward.tracking_gradient),
         # Layer.__call__ as models inherit it: patched on keras.Model, so layers are not affected.
         (keras.Model, "__call__", _capturing_model_call),
+        (keras.Model, "compute_metrics", _metrics_made_outside_the_step),
     ])
 
 

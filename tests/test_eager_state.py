@@ -52,6 +52,24 @@ def test_fit_traces_the_step_once_and_keeps_its_state(traces, make):
     assert any(not np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
 
 
+def test_compiled_metrics_do_not_make_the_step_trace_twice(traces):
+    """metrics=["accuracy"]: Keras makes the metric's variables in the first traced step; made
+    eagerly (capture wraps compute_metrics), they still count every sample of the epoch, in
+    training and in evaluation."""
+    x, y = data(64)
+    model = mlp()
+    model.compile(optimizer=TENGraD(), loss=sce(), metrics=["accuracy"])
+    history = model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+    assert traces[0] == 1
+    accuracy = next(m for m in model.metrics if m.name == "compile_metrics")
+    counts = [v for v in accuracy.variables if "count" in v.name]
+    assert [int(v.numpy()) for v in counts] == [64]  # reset per epoch, then four batches of 16
+    assert 0.0 <= history.history["accuracy"][-1] <= 1.0
+    predicted = np.argmax(model.predict(x, verbose=0), axis=-1)
+    _, evaluated = model.evaluate(x, y, batch_size=16, verbose=0)
+    assert evaluated == pytest.approx(np.mean(predicted == y), abs=1e-6)
+
+
 def test_a_variable_made_outside_the_step_persists_across_calls():
     """Made in the first trace, the variable is an ordinary eager one: created once, updated by
     every call, and the function is traced once."""
