@@ -351,3 +351,38 @@ def test_capture_overhead_counts_capture_ops_and_writes_a_table(tmp_path):
     assert row["capture_ops_in_training_graph"]["captured"] > 0
     assert update_readme.TABLES["capture_overhead"](report) == (
         tmp_path / "capture_overhead.md").read_text()
+
+
+# ----------------------------------------------------------------------------- first_step.py
+
+
+def test_first_step_times_the_first_batch_and_writes_json_and_table(tmp_path):
+    """benchmarks/first_step.py on the MLP (real Fashion-MNIST), one repetition of two
+    optimizers: the JSON fields, the ratio to SGD and the table."""
+    from benchmarks import first_step
+
+    report = first_step.main(["--models", "mlp", "--reps", "1", "--optimizers",
+                              "SGD(0.03, 0.9)", "TENGraD()", "--out", str(tmp_path)])
+    on_disk = json.loads((tmp_path / "first_step.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    for key in ("date", "machine", "commit", "command", "reps", "results", "summary"):
+        assert key in on_disk
+    mlp = on_disk["summary"]["mlp"]
+    assert mlp["SGD(0.03, 0.9)"]["vs_sgd"] == 1.0
+    sgd, ours = mlp["SGD(0.03, 0.9)"]["median_seconds"], mlp["TENGraD()"]["median_seconds"]
+    assert 0 < sgd < 60 and 0 < ours < 60
+    assert mlp["TENGraD()"]["vs_sgd"] == pytest.approx(ours / sgd)
+    assert "goal" not in on_disk["summary"]  # the goal is 3C1F's
+    assert (tmp_path / "first_step.md").read_text() == first_step.markdown_table(on_disk)
+
+
+def test_first_step_goal_is_tengrads_ratio_to_sgd_on_3c1f():
+    from benchmarks import first_step
+
+    rows = [{"model": "3c1f", "optimizer": name, "rep": rep, "seconds": s}
+            for rep, (a, b) in enumerate([(1.0, 1.1), (2.0, 1.3), (1.0, 5.0)])
+            for name, s in (("SGD(0.03, 0.9)", a), ("TENGraD()", b))]
+    summary = first_step.summarize(rows)
+    assert summary["3c1f"]["TENGraD()"]["median_seconds"] == 1.3
+    assert summary["goal"] == {"model": "3c1f", "tengrad_vs_sgd": 1.3, "max_ratio": 1.2,
+                               "met": False}

@@ -7,7 +7,6 @@ traced step; these tests fail if any of it is made the lifted way again.
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
