@@ -34,8 +34,8 @@ classes the helpers handle (the class that defines each one's `call`, found from
 `layers.captured_classes`), `keras.layers.Layer.__call__` (which only notes the layer),
 `keras.losses.Loss.__call__`, `keras.optimizers.LossScaleOptimizer.scale_loss`,
 `tf.GradientTape.gradient` and `keras.Model.compute_metrics` (only to make the compiled metrics'
-variables outside the traced step, eager_state.py), and keeps the originals, which `release` puts back when the last
-optimizer is gone. Checked against Keras 3.15 and TensorFlow 2.21.
+variables outside the traced step, eager_state.py), and keeps the originals, which `release` puts
+back when the last optimizer is gone. Checked against Keras 3.15 and TensorFlow 2.21.
 """
 
 from __future__ import annotations
