@@ -5,7 +5,8 @@ names the step benchmarks use, and their models on a repeated synthetic batch.
     report["results"] = [...]
     write_report(RESULTS, report, markdown_table)    # step_time.json, step_time.md, printed
 
-Optimizer names (`make_optimizer`): "sgd", "adam", "kfac-<fisher>", and
+Optimizer names (`make_optimizer`): "sgd", "adam", "kfac-<fisher>[-eigh|-cholesky]" (K-FAC's
+inverse method, eigh by default), and
 "tengrad-<fisher>[-f<freq>][-b<MiB>][-fixed]": TENGraD with that Fisher, curvature every <freq>
 steps (default 1, the costliest), a memory_budget of <MiB> MiB, and a fixed damping with -fixed.
 """
@@ -31,6 +32,7 @@ import tensorflow as tf  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from tengrad_tf import KFAC, TENGraD, models  # noqa: E402
+from tengrad_tf.kfac import INVERSE_METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 128
@@ -118,9 +120,13 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     if name == "adam":
         return keras.optimizers.Adam()
     kind, fisher, *options = name.split("-")
-    if kind == "kfac" and not options:
+    if kind == "kfac":
         # Its own schedule: factors every 20 steps, inverses every 100 (and both on the first).
-        return KFAC(learning_rate=0.003, damping=0.1, fisher=fisher)
+        if options and (len(options) > 1 or options[0] not in INVERSE_METHODS):
+            raise ValueError(f"unknown options {options} in optimizer {name!r}: expected one "
+                             f"inverse method of {INVERSE_METHODS}")
+        return KFAC(learning_rate=0.003, damping=0.1, fisher=fisher,
+                    inverse_method=options[0] if options else "eigh")
     if kind != "tengrad":
         raise ValueError(f"unknown optimizer {name!r}")
     kwargs: dict[str, Any] = {"curvature_update_freq": 1}

@@ -31,7 +31,7 @@ def _renderer(name: str):
 
 TABLES = {name: _renderer(name) for name in
           ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping",
-           "first_step")}
+           "first_step", "kfac_inverse")}
 
 
 def extra_tables() -> dict:

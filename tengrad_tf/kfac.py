@@ -17,6 +17,8 @@ from tengrad_tf.validation import check, is_int, is_number
 
 __all__ = ["BindingError", "KFAC", "KroneckerBlock"]
 
+INVERSE_METHODS = ("eigh", "cholesky")
+
 
 @keras.saving.register_keras_serializable(package="tengrad_tf")
 class KFAC(PreconditionedOptimizer):
@@ -41,6 +43,10 @@ class KFAC(PreconditionedOptimizer):
         stat_decay: ε in [0, 1), factor ← ε·factor + (1 − ε)·new (the first update takes new).
         cov_update_freq: update the running factors every this many steps (TCov).
         inv_update_freq: recompute the damped inverses every this many steps (TInv).
+        inverse_method: "eigh" (an eigendecomposition of each factor, the paper's and
+            kfac-pytorch's) or "cholesky" (a Cholesky factorization of the damped factor, several
+            times faster for large factors; F + δI must be numerically positive definite, see
+            blocks/kronecker.py). Both give the same damped inverse.
         max_consecutive_skips: raise after this many non-finite steps in a row.
         seed: seed of the label sampling of the true Fisher, which is stateless in (seed, step)
             so that a resumed run draws the same labels; None draws one, saved with the optimizer.
@@ -66,6 +72,7 @@ class KFAC(PreconditionedOptimizer):
         stat_decay=0.95,
         cov_update_freq=20,
         inv_update_freq=100,
+        inverse_method="eigh",
         max_consecutive_skips=50,
         seed=None,
         clipnorm=None,
@@ -86,6 +93,8 @@ class KFAC(PreconditionedOptimizer):
               "expected a float in [0, 1)")
         check("cov_update_freq", cov_update_freq, is_int(cov_update_freq, 1), "expected an int >= 1")
         check("inv_update_freq", inv_update_freq, is_int(inv_update_freq, 1), "expected an int >= 1")
+        check("inverse_method", inverse_method, inverse_method in INVERSE_METHODS,
+              f"expected one of {INVERSE_METHODS}")
         super().__init__(
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
             fisher=fisher, kl_clip=kl_clip, first_order=first_order,
@@ -100,6 +109,7 @@ class KFAC(PreconditionedOptimizer):
         self.stat_decay = float(stat_decay)
         self.cov_update_freq = int(cov_update_freq)
         self.inv_update_freq = int(inv_update_freq)
+        self.inverse_method = inverse_method
 
     def _unsupported_reason(self, helper):
         return KroneckerBlock.unsupported_reason(helper)
@@ -107,7 +117,8 @@ class KFAC(PreconditionedOptimizer):
     def _make_block(self, layer):
         return KroneckerBlock(layer, damping=self.damping, stat_decay=self.stat_decay,
                               cov_update_freq=self.cov_update_freq,
-                              inv_update_freq=self.inv_update_freq)
+                              inv_update_freq=self.inv_update_freq,
+                              inverse_method=self.inverse_method)
 
     def get_config(self):
         config = super().get_config()
@@ -116,5 +127,6 @@ class KFAC(PreconditionedOptimizer):
             "stat_decay": self.stat_decay,
             "cov_update_freq": self.cov_update_freq,
             "inv_update_freq": self.inv_update_freq,
+            "inverse_method": self.inverse_method,
         })
         return config

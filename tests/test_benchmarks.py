@@ -386,3 +386,38 @@ def test_first_step_goal_is_tengrads_ratio_to_sgd_on_3c1f():
     assert summary["3c1f"]["TENGraD()"]["median_seconds"] == 1.3
     assert summary["goal"] == {"model": "3c1f", "tengrad_vs_sgd": 1.3, "max_ratio": 1.2,
                                "met": False}
+
+
+# ----------------------------------------------------------------------------- step_time.py
+
+
+def test_step_time_reports_median_and_amortized_mean_against_sgd(tmp_path):
+    """benchmarks/step_time.py on the MLP, two steps per configuration: the median and the mean
+    (amortized) with their ratios to SGD's, and the table."""
+    from benchmarks import step_time
+
+    step_time.main(["--models", "mlp", "--optimizers", "sgd", "tengrad-true-f100", "--steps", "2",
+                    "--rounds", "1", "--warmup", "1", "--no-memory", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "step_time.json").read_text())
+    rows = {r["optimizer"]: r for r in report["results"]}
+    assert rows["sgd"]["ratio_to_sgd"] == 1.0 and rows["sgd"]["mean_ratio_to_sgd"] == 1.0
+    ours = rows["tengrad-true-f100"]
+    assert ours["steps_timed"] == 2
+    assert ours["mean_ratio_to_sgd"] == pytest.approx(
+        ours["mean_s_per_step"] / rows["sgd"]["mean_s_per_step"])
+    md = (tmp_path / "step_time.md").read_text()
+    assert md == step_time.markdown_table(report) and "| mlp | tengrad-true-f100 | False |" in md
+
+
+# ----------------------------------------------------------------------------- kfac_inverse.py
+
+
+def test_kfac_inverse_methods_agree_and_are_timed(tmp_path):
+    from benchmarks import kfac_inverse
+
+    report = kfac_inverse.main(["--sizes", "24", "--repeats", "1", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "kfac_inverse.json").read_text())["results"]
+    assert row["size"] == 24 and row["faster"] in ("eigh", "cholesky")
+    assert row["max_relative_difference"] < 1e-4  # the same inverse, float32
+    assert all(len(t) == 1 and t[0] > 0 for t in row["seconds"].values())
+    assert (tmp_path / "kfac_inverse.md").read_text() == kfac_inverse.markdown_table(report)

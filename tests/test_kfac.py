@@ -140,10 +140,11 @@ def reference_directions(model, x, y, y_fisher, damping):
 
 # ---- models ------------------------------------------------------------------------------------
 # ---- one step ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("inverse_method", ["eigh", "cholesky"])
 @pytest.mark.parametrize("use_bias, fisher_type", [(True, "empirical"), (False, "empirical"),
                                                    (True, "true")])
 def test_one_fit_step_is_the_damped_kronecker_inverse(float64, fixed_sampled_labels, use_bias,
-                                                      fisher_type):
+                                                      fisher_type, inverse_method):
     m, lr, damping = 8, 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
     model = mlp(use_bias)
     x, y = data(m)
@@ -151,7 +152,8 @@ def test_one_fit_step_is_the_damped_kronecker_inverse(float64, fixed_sampled_lab
     fixed_sampled_labels["y"] = y_fisher
     expected = reference_directions(model, x, y, y_fisher, damping)
     before = weights(model)
-    opt = plain(learning_rate=lr, damping=damping, fisher=fisher_type)
+    opt = plain(learning_rate=lr, damping=damping, fisher=fisher_type,
+                inverse_method=inverse_method)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     after = weights(model)
@@ -330,13 +332,14 @@ def test_config_round_trip_and_serialization():
     schedule = keras.optimizers.schedules.ExponentialDecay(0.1, 100, 0.5)
     opt = KFAC(learning_rate=schedule, damping=0.3, momentum=0.5, weight_decay=1e-4,
                fisher="empirical", kl_clip=None, stat_decay=0.9, cov_update_freq=7,
-               inv_update_freq=21, clipnorm=1.0, name="my_kfac")
+               inv_update_freq=21, inverse_method="cholesky", clipnorm=1.0, name="my_kfac")
     config = opt.get_config()
     clone = KFAC.from_config(dict(config))
     assert clone.get_config() == config
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
     assert isinstance(restored, KFAC) and restored.get_config() == config
     assert (restored.stat_decay, restored.cov_update_freq, restored.inv_update_freq) == (0.9, 7, 21)
+    assert restored.inverse_method == "cholesky"
     assert restored.kl_clip is None and restored.damping == 0.3
     assert isinstance(opt, tengrad_tf.PreconditionedOptimizer)
 
@@ -354,6 +357,7 @@ def test_config_round_trip_and_serialization():
     ({"cov_update_freq": 2.0}, "cov_update_freq"),
     ({"inv_update_freq": 0}, "inv_update_freq"),
     ({"inv_update_freq": True}, "inv_update_freq"),
+    ({"inverse_method": "lu"}, "inverse_method"),
     ({"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
 ])
 def test_bad_hyperparameters_fail_at_construction_naming_the_argument(kwargs, name):
@@ -377,15 +381,16 @@ def mean_gradient(model, x, y, variables):
     return [tf.convert_to_tensor(g).numpy() for g in tape.gradient(loss, variables)]
 
 
-def one_step(model, x, y, lr=0.125, damping=0.05):
+def one_step(model, x, y, lr=0.125, damping=0.05, inverse_method="eigh"):
     before = weights(model)
-    opt = plain(learning_rate=lr, damping=damping)
+    opt = plain(learning_rate=lr, damping=damping, inverse_method=inverse_method)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=len(y), epochs=1, shuffle=False, verbose=0)
     return opt, before, weights(model)
 
 
-def test_embedding_factors_are_the_token_frequencies(float64):
+@pytest.mark.parametrize("inverse_method", ["eigh", "cholesky"])
+def test_embedding_factors_are_the_token_frequencies(float64, inverse_method):
     """A = diag(token counts)/(m·P), G = Σ gᵢₜgᵢₜᵀ/m: d = (A + π√λ)⁻¹ V (G + √λ/π I)⁻¹."""
     rng = np.random.default_rng(0)
     m, t, vocabulary, lr, damping = 6, 4, 9, 0.125, 0.05
@@ -400,14 +405,15 @@ def test_embedding_factors_are_the_token_frequencies(float64):
     v = mean_gradient(model, x, y, [embedding.embeddings])[0]
     d = (v / (counts + pi * np.sqrt(damping))[:, None]) @ np.linalg.inv(
         gg + np.sqrt(damping) / pi * np.eye(3))
-    opt, before, after = one_step(model, x, y, lr, damping)
+    opt, before, after = one_step(model, x, y, lr, damping, inverse_method)
     np.testing.assert_allclose(after[embedding.embeddings.path],
                                before[embedding.embeddings.path] - lr * d, rtol=1e-9,
                                atol=1e-12)
     assert opt.treatments()[embedding.embeddings.path].startswith("K-FAC Embedding block")
 
 
-def test_depthwise_factors_are_per_channel(float64):
+@pytest.mark.parametrize("inverse_method", ["eigh", "cholesky"])
+def test_depthwise_factors_are_per_channel(float64, inverse_method):
     """One (A, G) pair per input channel: A from that channel's 3×3 windows and the bias, G from
     its depth_multiplier output gradients."""
     rng = np.random.default_rng(1)
@@ -429,7 +435,7 @@ def test_depthwise_factors_are_per_channel(float64):
         d = a_inv @ v @ g_inv
         expected_kernel[:, :, c, :] = d[:9].reshape(3, 3, mult)
         expected_bias[c * mult:(c + 1) * mult] = d[9]
-    opt, before, after = one_step(model, x, y, lr, damping)
+    opt, before, after = one_step(model, x, y, lr, damping, inverse_method)
     for var, d in ((conv.kernel, expected_kernel), (conv.bias, expected_bias)):
         np.testing.assert_allclose(after[var.path], before[var.path] - lr * d, rtol=1e-9,
                                    atol=1e-12, err_msg=var.path)

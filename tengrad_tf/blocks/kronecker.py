@@ -49,9 +49,12 @@ from the current averages on steps where step % inv_update_freq == 0. A block's 
 or the first step it takes part in without saved state) always does both. Saving the optimizer
 (.keras, save_weights, tf.train.Checkpoint) saves the averages, the inverses and the update count,
 so a resumed run continues the schedule exactly (resume.py). The
-inverses come from an eigendecomposition (eigenvalues clipped at 0 before adding the damping: a
-positive-definite, finite result for any finite factor), in float64 for float64 layers and float32
-otherwise. Steps whose factors are not finite are skipped by the core and leave the block untouched.
+inverses come from an eigendecomposition (inverse_method="eigh", the paper's and kfac-pytorch's
+default: eigenvalues clipped at 0 before adding the damping, a positive-definite, finite result for
+any finite factor) or from a Cholesky factorization of F + δI ("cholesky": about a tenth of the
+flops; F + δI must be positive definite in floating point, which holds while δ is well above the
+factor's rounding, ~ε‖F‖; otherwise the factor is not finite and the step is skipped, counted),
+in float64 for float64 layers and float32 otherwise. Steps whose factors are not finite are skipped by the core and leave the block untouched.
 
 Under tf.distribute the core hands every replica the layer inputs and output gradients of the whole
 global batch (all-gathered, see distribute.py), so the factors are the global batch's statistics,
@@ -90,7 +93,8 @@ class KroneckerBlock(CurvatureBlock):
         return None
 
     def __init__(self, layer: keras.layers.Layer, damping: float = 0.1, stat_decay: float = 0.95,
-                 cov_update_freq: int = 20, inv_update_freq: int = 100):
+                 cov_update_freq: int = 20, inv_update_freq: int = 100,
+                 inverse_method: str = "eigh"):
         helper = layers.helper_for(layer)
         reason = "no layer helper" if helper is None else self.unsupported_reason(helper)
         if reason:
@@ -105,6 +109,7 @@ class KroneckerBlock(CurvatureBlock):
         self.stat_decay = float(stat_decay)
         self.cov_update_freq = int(cov_update_freq)
         self.inv_update_freq = int(inv_update_freq)
+        self.inverse_method = inverse_method
         self.variables = helper.variables
         self._state: dict[str, tf.Variable] | None = None
         self._updates: tf.Variable | None = None
@@ -135,7 +140,8 @@ class KroneckerBlock(CurvatureBlock):
         return (
             f"K-FAC {h.kind} block of layer '{self.layer.name}' ({h.describe_parameters()}; "
             f"A: {a}, G: {self.d_out}×{self.d_out}{groups}, P={'dynamic' if p is None else p}; factors "
-            f"every {self.cov_update_freq} steps, inverses every {self.inv_update_freq})"
+            f"every {self.cov_update_freq} steps, inverses ({self.inverse_method}) every "
+            f"{self.inv_update_freq})"
         )
 
     # ---- state -------------------------------------------------------------------------------
@@ -240,10 +246,14 @@ class KroneckerBlock(CurvatureBlock):
         root = tf.constant(self.damping ** 0.5, dtype)
 
         def inverse(f, damping):
-            # eigh reads the lower triangle only: a factor that rounding left slightly asymmetric
-            # is taken as the symmetric matrix of its lower triangle. (Symmetrizing a batch of
-            # factors as (F + Fᵀ)/2 instead made grappler's arithmetic optimizer miswire the step's
-            # graph under TF 2.21, for depthwise layers in a fit on a tf.data iterator.)
+            # eigh and cholesky read the lower triangle only: a factor that rounding left slightly
+            # asymmetric is taken as the symmetric matrix of its lower triangle. (Symmetrizing a
+            # batch of factors as (F + Fᵀ)/2 instead made grappler's arithmetic optimizer miswire
+            # the step's graph under TF 2.21, for depthwise layers in a fit on a tf.data iterator.)
+            if self.inverse_method == "cholesky":
+                eye = tf.eye(tf.shape(f)[-1], batch_shape=tf.shape(f)[:-2], dtype=dtype)
+                factor = tf.linalg.cholesky(f + damping[..., None, None] * eye)
+                return tf.linalg.cholesky_solve(factor, eye)
             e, q = tf.linalg.eigh(f)
             e = tf.maximum(e, 0) + damping[..., None]
             return tf.matmul(q / e[..., None, :], q, transpose_b=True)
