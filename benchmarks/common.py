@@ -14,6 +14,7 @@ steps (default 1, the costliest), a memory_budget of <MiB> MiB, and a fixed damp
 from __future__ import annotations
 
 import datetime
+import gc
 import json
 import os
 import platform
@@ -217,7 +218,17 @@ class Runner:
         self.data = tf.data.Dataset.from_tensors((x, y)).repeat()
 
     def run(self, steps: int) -> list[float]:
-        """Seconds of each of `steps` more steps."""
+        """Seconds of each of `steps` more steps.
+
+        Python's cyclic garbage collector is run before them, off the clock, and held off during
+        them: a full collection of the graphs of the configurations traced so far (Keras keeps
+        each alive until one) takes seconds and would land in whichever step triggered it."""
         timer = StepTimer()
-        self.model.fit(self.data, steps_per_epoch=steps, epochs=1, verbose=0, callbacks=[timer])
+        gc.collect()
+        gc.disable()
+        try:
+            self.model.fit(self.data, steps_per_epoch=steps, epochs=1, verbose=0,
+                           callbacks=[timer])
+        finally:
+            gc.enable()
         return timer.times
