@@ -37,7 +37,7 @@ SPECIFIC_BAD = {
               ("jit_solve", "yes"), ("jit_solve", 1), ("max_batch_size", 0),
               ("max_batch_size", 64.0)],
     KFAC: [("damping", -1.0), ("stat_decay", 1.0), ("stat_decay", -0.5), ("learning_rate", "auto"),
-           ("cov_update_freq", 0), ("inv_update_freq", 1.5)],
+           ("cov_update_freq", 0), ("inv_update_freq", 1.5), ("inverse_method", "lu")],
 }
 CASES = [(cls, arg, value) for cls in (TENGraD, KFAC)
          for arg, value in COMMON_BAD + SPECIFIC_BAD[cls]]
