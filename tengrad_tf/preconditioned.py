@@ -177,8 +177,12 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
             self.assign_sub(variable, ops.multiply(d, lr))
             return
         buf = self._momentums[index]
-        self.assign(buf, ops.add(ops.multiply(buf, self.momentum), d))
+        self.assign(buf, self._momentum_buffer(d, buf))
         self.assign_sub(variable, ops.multiply(buf, lr))
+
+    def _momentum_buffer(self, direction, buffer):
+        """Keras's SGD momentum, buffer ← μ·buffer + d; the step is lr times the new buffer."""
+        return ops.add(ops.multiply(buffer, self.momentum), direction)
 
     def _adam_rate(self, learning_rate, dtype=tf.float64):
         """Adam's bias-corrected rate of this step at first_order_learning_rate, which follows the

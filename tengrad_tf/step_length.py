@@ -137,13 +137,13 @@ class StepLength:
         def predict():
             if self.adaptive_learning_rate:  # the directions hold the step s itself
                 s = directions
-            else:  # s = lr·(d + μ p), p the momentum buffer (update_step's rule)
+            else:  # s = lr·(μ p + d), p the momentum buffer (update_step's rule)
                 s = {}
                 for i in {i for _, _, ids in modelled for i in ids}:
                     d, dtype = directions[i], directions[i].dtype
                     if self.momentum:
                         p = self._momentums[self._get_variable_index(variables[i])]
-                        d = d + self.momentum * tf.cast(p, dtype)
+                        d = self._momentum_buffer(d, tf.cast(p, dtype))
                     s[i] = tf.cast(self.learning_rate, dtype) * d
             predicted = adaptive.model_value(modelled, s, grads, samples)
             if adam:  # Adam's own diagonal model of its step (adaptive.adam_model)
