@@ -23,13 +23,14 @@ G = [dᵀCd, dᵀCp; pᵀCd, pᵀCp] and b = [gᵀd, gᵀp] (`Subspace`). So:
   * adaptive damping (Levenberg–Marquardt, section 6.5): ρ = (h(θ + s) − h(θ)) / M(s) on the same
     batch (replay.py gives h(θ + s)); λ ← λ/ω if ρ < ¼ (λ·10 if the loss went up), λ ← λ·ω if
     ρ > ¾, with ω = (19/20)^T for adaptation every T steps. `DampingAdaptation` is one step of it:
-    h(θ) and M(s) before the update, the replay and the new λ after it.
+    h(θ) and M(s) before the update; after it the replay, the new λ, and the blocks' cached
+    factorizations made again for that λ.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import tensorflow as tf
 
@@ -156,14 +157,18 @@ class DampingAdaptation:
     h0: tf.Tensor  # h(θ), float64 (0 on other steps)
     predicted: tf.Tensor  # M(s), float64
     stepped: list  # (variable, its value before the step, its momentum slot)
+    # refactor(λ): refactorize every cached Gram for a new λ, and the retries that took (int32)
+    refactor: Callable[[tf.Tensor], tf.Tensor]
     damping: tf.Variable  # λ, float64
+    damping_retries: tf.Variable
     interval: int  # damping_adaptation_interval
     floor: float | None  # a fixed learning rate: λ never falls below λ₀ (else None)
     reduction_ratio: tf.Variable
     rejected_steps: tf.Variable
 
     @classmethod
-    def begin(cls, replayer, adapt, predict, stepped, **variables) -> "DampingAdaptation":
+    def begin(cls, replayer, adapt, predict, stepped, refactor, **variables
+              ) -> "DampingAdaptation":
         """Before the update, on the steps that `adapt`: M(s) (`predict()`), the weights saved to
         take the step back, and h(θ), the step's recorded loss."""
         def before():
@@ -174,48 +179,66 @@ class DampingAdaptation:
 
         zero = tf.constant(0.0, F64)
         h0, predicted = tf.cond(adapt, before, lambda: (zero, zero))
-        return cls(replayer, adapt, h0, predicted, stepped, **variables)
+        return cls(replayer, adapt, h0, predicted, stepped, refactor, **variables)
 
     def finish(self, taken, context) -> None:
-        """After the update: ρ = (h(θ + s) − h(θ)) / M(s), and λ from it (if the step was taken).
-        A step that raised the loss (ρ < 0) is taken back: weights as before it, momentum
-        cleared, counted in `rejected_steps`."""
+        """After the update, on the steps that adapt λ (and only if the step was taken): the
+        replayed loss h(θ + s), then `_adapt`."""
         go = tf.logical_and(self.adapt, taken)
-        zero = tf.constant(0.0, F64)
         with tf.name_scope("tengrad_damping_adaptation"):
-            h0 = self.h0
             if context is None:
-                h1 = tf.cond(go, self.replayer.evaluate, lambda: zero)
-            else:  # the losses are the replicas' shares of the global mean
-                (h0,) = distribute.all_reduce_sum(context, [h0])
-                # Every replica replays its own inputs (the replayer of the replica that runs the
-                # merge would otherwise be used for all).
-                h1 = distribute.sum_across_replicas_if(
-                    context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
-                    tuple(self.replayer.inputs()), zero)
-            rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
-                                       -tf.ones_like(self.predicted), self.predicted)
-            lam = self.damping
-            new = next_damping(lam, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
-            if self.floor is not None:
-                # With a fixed learning rate λ never goes below the initial one: a small step is
-                # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
-                # into the null space of the stale curvature; λ is there to stop steps that raise
-                # the loss. It comes back down to λ₀ once steps are predicted well again: a
-                # ratchet (λ only rising) let one bad step slow the rest of training (λ 0.1 →
-                # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
-                # model's damping, both ways.
-                new = tf.maximum(new, tf.constant(self.floor, F64))
-            lam.assign(tf.where(go, new, tf.convert_to_tensor(lam)))
-            self.reduction_ratio.assign(
-                tf.where(go, rho, tf.convert_to_tensor(self.reduction_ratio)))
+                # One cond for all of it: the other steps run none of its ops.
+                tf.cond(go, lambda: self._adapt(self.h0, self.replayer.evaluate(), go),
+                        lambda: tf.constant(False))
+                return
+            # Under tf.distribute the losses are the replicas' shares of the global mean, and
+            # every replica replays its own inputs (the replayer of the replica that runs the
+            # merge would otherwise be used for all). λ is a mirrored variable, whose update in
+            # replica context is a merge_call, which cannot sit in a cond branch: `_adapt` runs
+            # on every step, gated by `go`.
+            (h0,) = distribute.all_reduce_sum(context, [self.h0])
+            h1 = distribute.sum_across_replicas_if(
+                context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
+                tuple(self.replayer.inputs()), tf.constant(0.0, F64))
+            self._adapt(h0, h1, go)
 
-            def take_back():
-                for v, saved, slot in self.stepped:
-                    v.assign(saved)
-                    slot.assign(tf.zeros_like(slot))
-                self.rejected_steps.assign_add(1)
-                return tf.constant(True)
+    def _adapt(self, h0, h1, go) -> tf.Tensor:
+        """ρ = (h1 − h0) / M(s), λ from it, the cached factorizations made again for a new λ, and
+        a step that raised the loss (ρ < 0) taken back: weights as before it, momentum cleared,
+        counted in `rejected_steps`. Changes nothing where `go` is False."""
+        rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
+                                   -tf.ones_like(self.predicted), self.predicted)
+        lam = self.damping
+        new = next_damping(lam, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
+        if self.floor is not None:
+            # With a fixed learning rate λ never goes below the initial one: a small step is
+            # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
+            # into the null space of the stale curvature; λ is there to stop steps that raise
+            # the loss. It comes back down to λ₀ once steps are predicted well again: a
+            # ratchet (λ only rising) let one bad step slow the rest of training (λ 0.1 →
+            # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
+            # model's damping, both ways.
+            new = tf.maximum(new, tf.constant(self.floor, F64))
+        old = tf.convert_to_tensor(lam)
+        lam.assign(tf.where(go, new, old))
 
-            rejected = tf.logical_and(go, tf.logical_not(rho >= 0.0))
-            tf.cond(rejected, take_back, lambda: tf.constant(False))
+        def refactor():
+            # The cached factorizations follow λ here, where it changes, so that the steps in
+            # between use the cache as it is (no per-step check of λ).
+            self.damping_retries.assign_add(tf.cast(self.refactor(new), "int64"))
+            return tf.constant(True)
+
+        tf.cond(tf.logical_and(go, tf.not_equal(new, old)), refactor,
+                lambda: tf.constant(False))
+        self.reduction_ratio.assign(tf.where(go, rho, tf.convert_to_tensor(self.reduction_ratio)))
+
+        def take_back():
+            for v, saved, slot in self.stepped:
+                v.assign(saved)
+                slot.assign(tf.zeros_like(slot))
+            self.rejected_steps.assign_add(1)
+            return tf.constant(True)
+
+        rejected = tf.logical_and(go, tf.logical_not(rho >= 0.0))
+        tf.cond(rejected, take_back, lambda: tf.constant(False))
+        return tf.constant(True)

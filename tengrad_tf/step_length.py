@@ -157,7 +157,14 @@ class StepLength:
                                                  [v for _, v, _ in moments], self._adam_rate(lr))
             return predicted
 
+        def refactor(damping):
+            """Every cached factorization, for the new λ: the blocks' or the network's one. All
+            blocks, not only this step's: a block whose layer sat out this step must not keep a
+            factorization of an old λ for its next one."""
+            return tf.add_n([h.refactor(damping) for h in self._curvature_holders()])
+
         return adaptive.DampingAdaptation.begin(
-            replayer, adapt, predict, stepped, damping=self.damping_variable, interval=every,
+            replayer, adapt, predict, stepped, refactor, damping=self.damping_variable,
+            damping_retries=self.damping_retries, interval=every,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)

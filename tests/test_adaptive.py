@@ -126,6 +126,34 @@ def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simul
     check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5)
 
 
+@pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
+def test_cached_factorization_follows_lambda_where_it_changes(float64, fisher_blocks):
+    """λ changes only in the damping adaptation, which refactorizes every cached Gram there, so
+    that reuse steps take the cache as it is: after every step, each cached Cholesky factor is
+    that of mλ'I + K for the current λ (λ' ≥ λ, after retries), in both Fisher-block modes."""
+    m = 8
+    x, y = data(m * 6, seed=2)
+    opt = TENGraD(learning_rate="auto", damping=0.5, kl_clip=None, fisher="empirical",
+                  curvature_update_freq=3, adaptive_damping=True, damping_adaptation_interval=1,
+                  fisher_blocks=fisher_blocks)
+    model = mlp()
+    model.compile(optimizer=opt, loss=sce())
+    seen = set()
+    for t in range(6):
+        model.train_on_batch(x[t * m:(t + 1) * m], y[t * m:(t + 1) * m])
+        lam = opt.damping_variable.numpy()
+        seen.add(round(float(lam), 12))
+        holders = [opt._network] if fisher_blocks == "network" else list(opt._blocks.values())
+        for holder in holders:
+            state = {k: v.numpy() for k, v in holder.state_variables.items()}
+            assert state["requested"] == lam, f"step {t}: factorized for {state['requested']}"
+            assert state["damping"] >= lam
+            chol, gram = state["cholesky"], state["gram"]
+            np.testing.assert_allclose(chol @ chol.T, gram + m * state["damping"] * np.eye(m),
+                                       rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
+    assert len(seen) > 2  # λ changed between curvature updates
+
+
 def test_subspace_solves_the_two_by_two_system():
     g = [tf.constant([1.0, -2.0], tf.float64)]
     d = [tf.constant([0.5, 0.25], tf.float64)]

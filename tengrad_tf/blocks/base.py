@@ -234,7 +234,8 @@ class FisherBlock(CurvatureBlock):
                        woodbury.SOLVE_DTYPE)
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `curvature_update_freq`), the cached one
-        otherwise."""
+        otherwise. A cached factorization is always that of the current λ: an adaptive λ changes
+        only in the damping adaptation, which refactorizes the cache there (`refactor`)."""
         with tf.name_scope("tengrad_cache"):
             cached = self._cache.read()
 
@@ -247,39 +248,39 @@ class FisherBlock(CurvatureBlock):
                 rows = tf.shape(next(iter(cached.values())))[0]
                 return ({**cached, "gram": tf.zeros([rows, rows], woodbury.SOLVE_DTYPE)},
                         tf.constant(0))
-            if not self.adaptive_damping or "cholesky" not in cached:
-                return cached, tf.constant(0)
-            lam = self._damping_now()
-
-            def refactor():  # λ changed since the factorization: same Gram, new λ
-                return tuple(woodbury.factorize(cached["gram"], lam, self.max_damping_retries,
-                                                jit=self.jit_solve, samples=cached["samples"]))
-
-            # Only the factorization passes through the cond: the rest of the cache does not
-            # change, and every tensor through a cond is a few more ops to trace.
-            cholesky, damping, retries = tf.cond(
-                tf.equal(cached["requested"], lam),
-                lambda: (cached["cholesky"], cached["damping"], tf.constant(0)), refactor)
-            return {**cached, "cholesky": cholesky, "damping": damping, "requested": lam}, retries
+            return cached, tf.constant(0)
 
         return tf.cond(self.is_update(step), fresh, reuse)
 
     def commit(self, step, curvature: dict[str, tf.Tensor]) -> None:
-        """Keep fresh `curvature` for the steps until the next update (only for finite steps).
-        With adaptive damping the factorization may change on any step (a new λ): it is kept
-        on every step."""
-        def store(keys):
-            def assign():
-                self._cache.store(curvature, keys)
-                if self.condition is not None and keys:
-                    self.condition.assign(woodbury.condition_number(curvature))
-                return tf.constant(True)
-            return assign
+        """Keep fresh `curvature` for the steps until the next update (only for finite steps)."""
+        def store():
+            self._cache.store(curvature, [k for k in curvature if k in self._cache])
+            if self.condition is not None and not self.joint:  # joint: the network's factor
+                self.condition.assign(woodbury.condition_number(curvature))
+            return tf.constant(True)
 
-        solve = ("cholesky", "damping", "requested") if (
-            self.adaptive_damping and not self.joint and "cholesky" in self._cache) else ()
-        tf.cond(self.is_update(step), store([k for k in curvature if k in self._cache]),
-                store(solve) if solve else lambda: tf.constant(False))
+        tf.cond(self.is_update(step), store, lambda: tf.constant(False))
+
+    def refactor(self, damping: tf.Tensor) -> tf.Tensor:
+        """Refactorize the cached Gram for a new adaptive λ (`damping`, float64) and keep it: the
+        damping adaptation calls this on the steps where λ changed, so that reuse steps need no
+        check of their own. Returns the damping retries it took (int32)."""
+        if (not self.adaptive_damping or self.joint or self._cache is None
+                or "gram" not in self._cache):
+            return tf.constant(0)
+        cached = self._cache.read()
+        with tf.name_scope("tengrad_cholesky"):
+            damped = woodbury.factorize(cached["gram"], damping, self.max_damping_retries,
+                                        jit=self.jit_solve, samples=cached["samples"])
+        state = {"cholesky": damped.cholesky, "damping": damped.damping, "requested": damping}
+        # Only the factorization: the factors and the Gram are those of the last update, and the
+        # cache stays as filled (or not) as it was.
+        for k, v in state.items():
+            self._cache.variables[k].assign(v)
+        if self.condition is not None:
+            self.condition.assign(woodbury.condition_number(state))
+        return damped.retries
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""

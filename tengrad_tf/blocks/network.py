@@ -67,30 +67,36 @@ class NetworkSolve:
 
     # ---- the solve -----------------------------------------------------------------------
     def curvature(self, fresh, grams: list[tf.Tensor], samples):
-        """The factorization of mλI + Σ_b K_b: computed from this step's Grams when `fresh`,
-        else the cached one (refactorized from the cached Gram if an adaptive λ changed).
-        `samples`: m (the Grams may be zero-padded to the cache's capacity)."""
+        """The factorization of mλI + Σ_b K_b: computed from this step's Grams when `fresh`, else
+        the cached one (always that of the current λ: see `refactor`). `samples`: m (the Grams
+        may be zero-padded to the cache's capacity)."""
         lam = tf.cast(tf.convert_to_tensor(self.damping, dtype_hint=woodbury.SOLVE_DTYPE),
                       woodbury.SOLVE_DTYPE)
         cached = {k: v.read_value() for k, v in self._cache.items()}
-
-        def factorize(gram, m):
-            damped = woodbury.factorize(gram, lam, self.max_damping_retries, jit=self.jit_solve,
-                                        samples=m)
-            state = {"cholesky": damped.cholesky, "damping": damped.damping}
-            if self.adaptive_damping:
-                state.update(gram=gram, requested=lam, samples=m)
-            return state, damped.retries
-
-        def reuse():
-            if not self.adaptive_damping:
-                return cached, tf.constant(0)
-            return tf.cond(tf.equal(cached["requested"], lam), lambda: (cached, tf.constant(0)),
-                           lambda: factorize(cached["gram"], cached["samples"]))
-
         with tf.name_scope("tengrad_cholesky"):
-            return tf.cond(fresh, lambda: factorize(
-                tf.add_n(grams), tf.cast(samples, woodbury.SOLVE_DTYPE)), reuse)
+            return tf.cond(fresh, lambda: self._factorize(
+                tf.add_n(grams), lam, tf.cast(samples, woodbury.SOLVE_DTYPE)),
+                lambda: (cached, tf.constant(0)))
+
+    def _factorize(self, gram, lam, samples):
+        damped = woodbury.factorize(gram, lam, self.max_damping_retries, jit=self.jit_solve,
+                                    samples=samples)
+        state = {"cholesky": damped.cholesky, "damping": damped.damping}
+        if self.adaptive_damping:
+            state.update(gram=gram, requested=lam, samples=samples)
+        return state, damped.retries
+
+    def refactor(self, damping: tf.Tensor) -> tf.Tensor:
+        """Refactorize the cached summed Gram for a new adaptive λ and keep it (called by the
+        damping adaptation where λ changed); the damping retries it took."""
+        if not self.adaptive_damping:
+            return tf.constant(0)
+        with tf.name_scope("tengrad_cholesky"):
+            state, retries = self._factorize(self._cache["gram"].read_value(), damping,
+                                             self._cache["samples"].read_value())
+        for k in ("cholesky", "damping", "requested"):
+            self._cache[k].assign(state[k])
+        return retries
 
     def precondition(self, blocks, grads, state) -> list[list[tf.Tensor]]:
         """[(F + λI)⁻¹ g]_b for every block b of `blocks` [(block, its curvature)], with F the
@@ -106,7 +112,7 @@ class NetworkSolve:
                     for (b, curv), v in zip(blocks, matrices)]
 
     def commit(self, keep, state) -> None:
-        """Keep the factorization (when it is new: a curvature update, or a new λ)."""
+        """Keep the factorization when it is new (`keep`: a curvature update)."""
         def store():
             for k, v in self._cache.items():
                 v.assign(state[k])
