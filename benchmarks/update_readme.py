@@ -5,8 +5,10 @@
 
 Each table sits between `<!-- name -->` and `<!-- /name -->`, in whichever document holds the
 pair (a table may stand in several); it is rendered from benchmarks/results/<name>.json by
-benchmarks/<name>.py's `markdown_table`. A result with no marker pair anywhere, or a marker pair
-with no result, is reported, so that a section moved without its markers is noticed.
+benchmarks/<name>.py's `markdown_table`, or, for a configuration whose results have a folder of
+their own (`FOLDER_TABLES`), from that folder's JSON by its benchmark's renderer. A result with no
+marker pair anywhere, or a marker pair with no result, is reported, so that a section moved without
+its markers is noticed.
 """
 
 from __future__ import annotations
@@ -32,6 +34,18 @@ def _renderer(name: str):
 TABLES = {name: _renderer(name) for name in
           ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping",
            "first_step", "kfac_inverse")}
+# Configurations written to a folder of their own (--out): table name → (benchmark, its JSON under
+# benchmarks/results/).
+FOLDER_TABLES = {
+    "time_to_accuracy_paper": ("time_to_accuracy", "time_to_accuracy_paper/time_to_accuracy.json"),
+}
+TABLES.update({name: _renderer(benchmark) for name, (benchmark, _) in FOLDER_TABLES.items()})
+
+
+def result_path(name: str) -> str:
+    """The JSON a table is rendered from."""
+    folder = FOLDER_TABLES.get(name)
+    return os.path.join(RESULTS, folder[1] if folder else f"{name}.json")
 
 
 def extra_tables() -> dict:
@@ -63,7 +77,7 @@ def main():
         names = markers(text)
         found |= names
         for name in sorted(names):
-            result = os.path.join(RESULTS, f"{name}.json")
+            result = result_path(name)
             if name not in tables or not os.path.exists(result):
                 print(f"no table {name}: {os.path.relpath(path, ROOT)} has its markers, but "
                       f"there is no renderer or no {os.path.relpath(result, ROOT)}")
@@ -77,9 +91,9 @@ def main():
             with open(path, "w") as f:
                 f.write(text)
     for name in sorted(set(tables) - found):
-        if os.path.exists(os.path.join(RESULTS, f"{name}.json")):
-            print(f"not shown: benchmarks/results/{name}.json has no <!-- {name} --> markers in "
-                  "README.md or docs/*.md")
+        if os.path.exists(result_path(name)):
+            print(f"not shown: {os.path.relpath(result_path(name), ROOT)} has no <!-- {name} --> "
+                  "markers in README.md or docs/*.md")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -208,7 +209,7 @@ def test_every_committed_result_has_its_table_markers_in_the_readme_or_docs():
     for path in update_readme.documents():
         found |= update_readme.markers(Path(path).read_text())
     tables = {**update_readme.TABLES, **update_readme.extra_tables()}
-    committed = {n for n in tables if (Path(update_readme.RESULTS) / f"{n}.json").exists()}
+    committed = {n for n in tables if Path(update_readme.result_path(n)).exists()}
     assert committed <= found, committed - found
     assert found <= set(tables), found - set(tables)  # every marker pair has a renderer
     assert any(Path(p).name == "performance.md" for p in update_readme.documents())  # docs/
@@ -407,6 +408,45 @@ def test_step_time_reports_median_and_amortized_mean_against_sgd(tmp_path):
         ours["mean_s_per_step"] / rows["sgd"]["mean_s_per_step"])
     md = (tmp_path / "step_time.md").read_text()
     assert md == step_time.markdown_table(report) and "| mlp | tengrad-true-f100 | False |" in md
+
+
+# ----------------------------------------------------------------------------- gpu.sh
+
+GPU_SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.sh"
+
+
+def test_gpu_script_quick_runs_every_optimizer_and_the_time_to_accuracy(tmp_path):
+    """benchmarks/gpu.sh --quick, as CI runs it on a CPU: the step time of every optimizer (jit_solve
+    off and on) and a time-to-accuracy run, written under the given folder."""
+    data_dir = _prepared_default_dir()
+    if data_dir is None:
+        if not HAVE_DEBIAN_FILES:
+            pytest.skip("Fashion-MNIST is neither prepared nor available from Debian's files")
+        data_dir = tmp_path / "tfds"
+    out = tmp_path / "gpu"
+    env = {**os.environ, data.ENV_DATA_DIR: str(data_dir)}
+    done = subprocess.run(["bash", str(GPU_SCRIPT), "--quick", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    steps = json.loads((out / "step_time" / "step_time.json").read_text())
+    assert {r["optimizer"] for r in steps["results"]} == {
+        "sgd", "adam", "kfac-true", "kfac-true-cholesky", "tengrad-true-f1", "tengrad-true-f1-jit",
+        "tengrad-true-f100", "tengrad-true-f100-jit"}
+    assert all(r["ratio_to_sgd"] > 0 for r in steps["results"])
+    tta_report = json.loads((out / "time_to_accuracy" / "time_to_accuracy.json").read_text())
+    assert tta_report["config"]["name"] == "quick"
+    assert set(tta_report["summary"]) == set(tta.OPTIMIZERS)
+    assert "done in" in done.stdout
+
+
+def test_gpu_script_refuses_to_run_at_full_scale_without_a_gpu(tmp_path):
+    import tensorflow as tf
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    done = subprocess.run(["bash", str(GPU_SCRIPT), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "no GPU" in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing was run
 
 
 # ----------------------------------------------------------------------------- kfac_inverse.py

@@ -4,8 +4,9 @@ TENGraD's exact `FisherBlock` (base.py) and K-FAC's `KroneckerBlock` (kronecker.
 and name it as their base so that a reader finds the contract from either. Calls go one way: the
 core asks, the block answers, and a block never calls back into the optimizer (what it must know, it
 is told at construction: its hyperparameters, under their own names). Beyond the protocol, only
-TENGraD's exact blocks offer `project` (Uᵀv, for the exact quadratic model of step_length.py) and
-`capacity` (for the network's one solve, network.py), which K-FAC has no use for.
+TENGraD's exact blocks offer `project` (Uᵀv, for the exact quadratic model of step_length.py),
+`capacity` (for the network's one solve, network.py) and `refactor` (the cached factorization made
+again for a new adaptive λ, by the damping adaptation of adaptive.py), which K-FAC has no use for.
 
 One traced step, in the core's order:
   1. `prepare(inputs)`: create the block's state variables if it has none (eagerly, in
