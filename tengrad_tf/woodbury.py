@@ -103,8 +103,10 @@ class DampedInverse(NamedTuple):
     retries: tf.Tensor  # scalar int32
 
 
-def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedInverse:
+def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6, samples=None
+                     ) -> DampedInverse:
     """(F + λI)⁻¹ with F = (1/m) Σᵢ uᵢuᵢᵀ, for the per-sample gradients uᵢ as the rows (m, d).
+    `samples`: m, when the rows are zero-padded beyond the m samples (a fixed-capacity cache).
 
     By whichever solve is cheaper: with m ≥ d samples, directly, (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹
     (a d × d Cholesky, d³/3); with fewer, through the Woodbury identity with the m × m Gram,
@@ -112,17 +114,19 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6) -> DampedIn
     """
     u = tf.cast(rows, SOLVE_DTYPE)
     m, d = tf.shape(u)[0], tf.shape(u)[1]
-    m_float, d_float = tf.cast(m, SOLVE_DTYPE), tf.cast(d, SOLVE_DTYPE)
+    m_float = tf.cast(m, SOLVE_DTYPE) if samples is None else _as_solve_dtype(samples)
+    d_float = tf.cast(d, SOLVE_DTYPE)
     lam0 = _as_solve_dtype(damping)
     direct = m >= d
     # One factorization between two loop-free conds, not one per branch: when the batch size is
     # static, grappler folds `direct` and prunes a branch, and a pruned branch holding the retry
     # while-loop breaks its topological sort, after which it leaves the whole step unoptimized.
     # Direct: (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹, and factorize damps with (its size)·λ, so λ·m/d.
-    matrix, lam = tf.cond(direct,
-                          lambda: (tf.matmul(u, u, transpose_a=True), lam0 * m_float / d_float),
-                          lambda: (tf.matmul(u, u, transpose_b=True), lam0))
-    damped = factorize(matrix, lam, max_retries)
+    # Through the Gram, the diagonal takes m·λ for the m real samples (zero rows stay outside).
+    matrix, lam, size = tf.cond(
+        direct, lambda: (tf.matmul(u, u, transpose_a=True), lam0 * m_float / d_float, d_float),
+        lambda: (tf.matmul(u, u, transpose_b=True), lam0, m_float))
+    damped = factorize(matrix, lam, max_retries, samples=size)
 
     def direct_inverse():
         inverse = m_float * tf.linalg.cholesky_solve(damped.cholesky, tf.eye(d, dtype=SOLVE_DTYPE))

@@ -89,9 +89,10 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
     return out
 
 
-def check_against_simulation(m, steps, freq, damping, momentum, learning_rate):
+def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, **options):
     """Train with adaptive damping, adapting every step, and compare each step's weights, ρ and λ
-    (and with learning_rate="auto" the coefficients (α, μ)) with `simulate`."""
+    (and with learning_rate="auto" the coefficients (α, μ)) with `simulate`. `options`: more
+    TENGraD arguments."""
     model = mlp()
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
@@ -99,7 +100,7 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate):
     expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate)
     opt = TENGraD(learning_rate=learning_rate, momentum=momentum, damping=damping, kl_clip=None,
                   fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
-                  damping_adaptation_interval=1)
+                  damping_adaptation_interval=1, **options)
     model.compile(optimizer=opt, loss=sce())
     for t in range(steps):
         model.train_on_batch(x[t * m:(t + 1) * m], y[t * m:(t + 1) * m])
@@ -152,6 +153,34 @@ def test_cached_factorization_follows_lambda_where_it_changes(float64, fisher_bl
             np.testing.assert_allclose(chol @ chol.T, gram + m * state["damping"] * np.eye(m),
                                        rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
     assert len(seen) > 2  # λ changed between curvature updates
+
+
+def test_small_blocks_keep_their_explicit_inverse_under_adaptive_damping(float64, direct_inverse):
+    """Small blocks cache (F + λI)⁻¹ with adaptive damping too, and J beside it: the exact
+    quadratic model projects on J, and a new λ rebuilds the inverse from it. The steps match the
+    float64 simulation, also with J zero-padded to a capacity of 16 (max_batch_size), where the
+    first layer's inverse (d = 24) goes through the Gram and the second's (d = 15) is direct; and
+    after every step each inverse is that of the current λ."""
+    check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5)
+    check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5,
+                             max_batch_size=16)
+    m = 8
+    x, y = data(m * 6, seed=2)
+    opt = TENGraD(learning_rate="auto", damping=0.5, kl_clip=None, fisher="empirical",
+                  curvature_update_freq=3, adaptive_damping=True, damping_adaptation_interval=1)
+    model = mlp()
+    model.compile(optimizer=opt, loss=sce())
+    for t in range(6):
+        model.train_on_batch(x[t * m:(t + 1) * m], y[t * m:(t + 1) * m])
+        lam = opt.damping_variable.numpy()
+        for block in opt._blocks.values():
+            state = {k: v.numpy() for k, v in block.state_variables.items()}
+            assert "inverse" in state and state["requested"] == lam, f"step {t}"
+            u = state["j"].reshape(m, -1)
+            fisher = u.T @ u / state["samples"] + state["damping"] * np.eye(u.shape[1])
+            np.testing.assert_allclose(state["inverse"] @ fisher, np.eye(u.shape[1]),
+                                       atol=1e-9, err_msg=f"step {t}")
+    assert "caches the explicit inverse" in opt.treatments()[model.layers[0].kernel.path]
 
 
 def test_subspace_solves_the_two_by_two_system():

@@ -94,11 +94,12 @@ class FisherBlock(CurvatureBlock):
     # ---- cost model (cost.py) --------------------------------------------------------------------
     def cache_kind(self, p: int | None) -> CacheKind:
         """What to keep between curvature updates (cost.cache_kind). Small blocks
-        (d ≤ DIRECT_MAX_DIM) cache their explicit inverse, unless the damping adapts (the inverse
-        would have to be rebuilt at every change), the block is part of the network's one solve,
-        or it keeps several batches (the window's samples must be kept)."""
+        (d ≤ DIRECT_MAX_DIM) cache their explicit inverse, unless the block is part of the
+        network's one solve or keeps several batches (the window's samples must be kept). Under
+        adaptive damping their per-sample gradients J are kept beside it: the exact quadratic
+        model projects on them, and a new λ rebuilds the inverse from them (`refactor`)."""
         inverse = self.helper.size <= DIRECT_MAX_DIM and not (
-            self.adaptive_damping or self.joint or self.curvature_batches > 1)
+            self.joint or self.curvature_batches > 1)
         return cost.cache_kind(self.helper, p, inverse)
 
     def factored_threshold(self, p: int | None, cache: CacheKind) -> float:
@@ -131,7 +132,8 @@ class FisherBlock(CurvatureBlock):
             # Token ids are kept as floats (exact below 2²⁴, layers.EmbeddingHelper), so that every
             # cached tensor is one the core's finiteness check of fresh curvature can take.
             fields = {"tokens": [capacity, p], "g": [capacity, p, h.d_out]}
-        elif cache is CacheKind.PER_SAMPLE:
+        elif cache is CacheKind.PER_SAMPLE or (cache is CacheKind.INVERSE
+                                               and self.adaptive_damping):
             fields = {"j": [capacity, *h.matrix_shape]}
         else:
             fields = {}
@@ -139,11 +141,13 @@ class FisherBlock(CurvatureBlock):
             solve_state = {}
         elif cache is CacheKind.INVERSE:
             solve_state = {"inverse": [h.size] * 2}
+            if self.adaptive_damping:  # the λ it was built for
+                solve_state["requested"] = []
         else:
             solve_state = {"cholesky": [capacity, capacity]}
             if self.adaptive_damping:  # K and the λ it was factorized for
                 solve_state.update(gram=[capacity, capacity], requested=[])
-        if "cholesky" in solve_state and self.adaptive_damping or self.curvature_batches > 1:
+        if "requested" in solve_state or self.curvature_batches > 1:
             solve_state["samples"] = []  # m, the real samples (the cache may be zero-padded)
         if not self.joint:
             solve_state["damping"] = []
@@ -191,10 +195,9 @@ class FisherBlock(CurvatureBlock):
         if cache is CacheKind.INVERSE:
             with tf.name_scope("tengrad_inverse"):
                 j = gram.per_sample_gradients(h, inputs, output_grads, self.memory_budget)
-                rows = tf.reshape(j, [tf.shape(j)[0], h.size])
-                inverse = woodbury.explicit_inverse(rows, self._damping_now(),
-                                                    self.max_damping_retries)
-                return {"inverse": inverse.matrix, "damping": inverse.damping}, inverse.retries
+                state, retries = self._inverse(
+                    j, tf.cast(tf.shape(j)[0], woodbury.SOLVE_DTYPE), self._damping_now())
+                return ({**state, "j": j} if self.adaptive_damping else state), retries
         with tf.name_scope("tengrad_gram"):
             if self.curvature_batches > 1:
                 state = self._window(gram.cache_fields(h, cache, inputs, output_grads,
@@ -227,6 +230,15 @@ class FisherBlock(CurvatureBlock):
                         tf.minimum(held, (self.curvature_batches - 1) * m), 0)
         return {k: tf.concat([t, self._cache.variables[k][:keep]], axis=0)
                 for k, t in fresh.items()}
+
+    def _inverse(self, j, samples, lam) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """The explicit (F + λI)⁻¹ from the per-sample gradients J (m real samples of its rows)."""
+        rows = tf.reshape(j, [tf.shape(j)[0], self.helper.size])
+        inverse = woodbury.explicit_inverse(rows, lam, self.max_damping_retries, samples=samples)
+        state = {"inverse": inverse.matrix, "damping": inverse.damping}
+        if self.adaptive_damping:
+            state.update(requested=lam, samples=samples)
+        return state, inverse.retries
 
     def _damping_now(self) -> tf.Tensor:
         """λ as a float64 tensor (the optimizer's variable's current value when it adapts)."""
@@ -266,21 +278,26 @@ class FisherBlock(CurvatureBlock):
         """Refactorize the cached Gram for a new adaptive λ (`damping`, float64) and keep it: the
         damping adaptation calls this on the steps where λ changed, so that reuse steps need no
         check of their own. Returns the damping retries it took (int32)."""
-        if (not self.adaptive_damping or self.joint or self._cache is None
-                or "gram" not in self._cache):
+        if not self.adaptive_damping or self.joint or self._cache is None:
             return tf.constant(0)
         cached = self._cache.read()
-        with tf.name_scope("tengrad_cholesky"):
-            damped = woodbury.factorize(cached["gram"], damping, self.max_damping_retries,
-                                        jit=self.jit_solve, samples=cached["samples"])
-        state = {"cholesky": damped.cholesky, "damping": damped.damping, "requested": damping}
-        # Only the factorization: the factors and the Gram are those of the last update, and the
+        if "inverse" in cached:  # small blocks: the inverse again, from the cached J
+            with tf.name_scope("tengrad_inverse"):
+                state, retries = self._inverse(cached["j"], cached["samples"], damping)
+        else:
+            with tf.name_scope("tengrad_cholesky"):
+                damped = woodbury.factorize(cached["gram"], damping, self.max_damping_retries,
+                                            jit=self.jit_solve, samples=cached["samples"])
+            state = {"cholesky": damped.cholesky, "damping": damped.damping,
+                     "requested": damping}
+            retries = damped.retries
+        # Only the solve's state: the factors and the Gram are those of the last update, and the
         # cache stays as filled (or not) as it was.
         for k, v in state.items():
             self._cache.variables[k].assign(v)
         if self.condition is not None:
             self.condition.assign(woodbury.condition_number(state))
-        return damped.retries
+        return retries
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""

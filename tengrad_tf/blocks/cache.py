@@ -108,8 +108,8 @@ class Cache:
         if set(arrays) != fields:
             raise ValueError(mismatch + f"saved fields {sorted(arrays)}, expected {sorted(fields)}.")
         cache = {}
-        # Samples held by the saved cache (None for the explicit inverse, which has no sample axis).
-        m = np.shape(arrays["cholesky"])[0] if "cholesky" in arrays else None
+        # Samples held by the saved cache (None for the explicit inverse alone: no sample axis).
+        m = next((np.shape(arrays[k])[0] for k in ("cholesky", "j") if k in arrays), None)
         for k, v in self.variables.items():
             value = tf.convert_to_tensor(arrays[k])
             # Compare all but the sample axes, which `to_capacity` adapts below.
@@ -133,7 +133,8 @@ class Cache:
 
     def to_capacity(self, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """Zero-pad the sample dimension up to the cache capacity (Cholesky: identity block)."""
-        if self.capacity is None or "inverse" in state:  # the inverse has no sample dimension
+        # The inverse has no sample dimension; under adaptive damping its J beside it has one.
+        if self.capacity is None or ("inverse" in state and "j" not in state):
             return state
         cap = self.capacity
         too_large = (f"layer '{self.layer_name}': a batch of more than {cap} samples does not fit "
@@ -142,10 +143,10 @@ class Cache:
                          "largest batch size used." if self.max_batch_size is not None else
                          "the first batch (its size was static when traced). Make the first batch "
                          "the largest, or pass TENGraD(max_batch_size=<largest batch size>)."))
-        square = state["cholesky" if "cholesky" in state else "gram"]  # m × m
-        if square.shape[0] is not None and square.shape[0] > cap:
+        rows = next(state[k] for k in ("cholesky", "gram", "j") if k in state)  # m × …
+        if rows.shape[0] is not None and rows.shape[0] > cap:
             raise ValueError(too_large)  # static: say so while tracing
-        m = tf.shape(square)[0]
+        m = tf.shape(rows)[0]
         # A dynamic batch size is checked at run time. XLA drops Assert ops, and a negative padding
         # would silently crop instead; so the padding is clamped at 0 and the shape check below,
         # which XLA does when it compiles for the actual batch size, fails for an oversized batch
@@ -156,7 +157,7 @@ class Cache:
         with tf.control_dependencies([] if check is None else [check]):
             pad = tf.maximum(cap - m, 0)
             for k, t in state.items():
-                if t.shape.rank == 0:  # damping, requested, samples
+                if t.shape.rank == 0 or k == "inverse":  # damping, requested, samples; (d, d)
                     out[k] = t
                     continue
                 if k == "cholesky":
