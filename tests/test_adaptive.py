@@ -180,7 +180,8 @@ def test_small_blocks_keep_their_explicit_inverse_under_adaptive_damping(float64
             fisher = u.T @ u / state["samples"] + state["damping"] * np.eye(u.shape[1])
             np.testing.assert_allclose(state["inverse"] @ fisher, np.eye(u.shape[1]),
                                        atol=1e-9, err_msg=f"step {t}")
-    assert "caches the explicit inverse" in opt.treatments()[model.layers[0].kernel.path]
+    assert "caches the explicit inverse (F + λI)⁻¹, with J for the adaptive damping" in (
+        opt.treatments()[model.layers[0].kernel.path])
 
 
 def test_subspace_solves_the_two_by_two_system():

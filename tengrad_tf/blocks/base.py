@@ -110,9 +110,11 @@ class FisherBlock(CurvatureBlock):
         p = self.helper.positions(inputs_shape)
         cache = self.cache_kind(p)
         route = cost.route(self.helper.size, cache, self.factored_threshold(p, cache))
+        kept = cache.value + (", with J for the adaptive damping"
+                              if cache is CacheKind.INVERSE and self.adaptive_damping else "")
         return (
             f"{self.kind} block of layer '{self.layer.name}' ({self.helper.describe_parameters()}, "
-            f"P={'dynamic' if p is None else p}; {route}; caches {cache.value})"
+            f"P={'dynamic' if p is None else p}; {route}; caches {kept})"
         )
 
     # ---- state -----------------------------------------------------------------------------------
