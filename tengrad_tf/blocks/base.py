@@ -198,7 +198,7 @@ class FisherBlock(CurvatureBlock):
             with tf.name_scope("tengrad_inverse"):
                 j = gram.per_sample_gradients(h, inputs, output_grads, self.memory_budget)
                 state, retries = self._inverse(
-                    j, tf.cast(tf.shape(j)[0], woodbury.SOLVE_DTYPE), self._damping_now())
+                    j, self._damping_now(), tf.cast(tf.shape(j)[0], woodbury.SOLVE_DTYPE))
                 return ({**state, "j": j} if self.adaptive_damping else state), retries
         with tf.name_scope("tengrad_gram"):
             if self.curvature_batches > 1:
@@ -213,14 +213,12 @@ class FisherBlock(CurvatureBlock):
         if self.joint:  # factorized with the other blocks' Grams (blocks/network.py)
             state["gram"] = tf.cast(k, woodbury.SOLVE_DTYPE)
             return state, tf.constant(0)
-        with tf.name_scope("tengrad_cholesky"):
-            lam = self._damping_now()
-            damped = woodbury.factorize(k, lam, self.max_damping_retries, jit=self.jit_solve)
-        state.update(cholesky=damped.cholesky, damping=damped.damping)
+        solve, retries = self._factorize(k, self._damping_now())
+        state.update(solve)
         if self.adaptive_damping:
-            state.update(gram=tf.cast(k, woodbury.SOLVE_DTYPE), requested=lam,
+            state.update(gram=tf.cast(k, woodbury.SOLVE_DTYPE),
                          samples=tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE))
-        return state, damped.retries
+        return state, retries
 
     def _window(self, fresh: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
         """curvature_batches = k: this batch's samples first, then up to (k − 1)·m of those the
@@ -233,7 +231,17 @@ class FisherBlock(CurvatureBlock):
         return {k: tf.concat([t, self._cache.variables[k][:keep]], axis=0)
                 for k, t in fresh.items()}
 
-    def _inverse(self, j, samples, lam) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+    def _factorize(self, k, lam, samples=None) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+        """The Cholesky factor of mλI + K (m real samples of K's rows; None: all of them)."""
+        with tf.name_scope("tengrad_cholesky"):
+            damped = woodbury.factorize(k, lam, self.max_damping_retries, jit=self.jit_solve,
+                                        samples=samples)
+        state = {"cholesky": damped.cholesky, "damping": damped.damping}
+        if self.adaptive_damping:
+            state["requested"] = lam
+        return state, damped.retries
+
+    def _inverse(self, j, lam, samples) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """The explicit (F + λI)⁻¹ from the per-sample gradients J (m real samples of its rows)."""
         rows = tf.reshape(j, [tf.shape(j)[0], self.helper.size])
         inverse = woodbury.explicit_inverse(rows, lam, self.max_damping_retries, samples=samples)
@@ -285,16 +293,10 @@ class FisherBlock(CurvatureBlock):
         cached = self._cache.read()
         if "inverse" in cached:  # small blocks: the inverse again, from the cached J
             with tf.name_scope("tengrad_inverse"):
-                state, retries = self._inverse(cached["j"], cached["samples"], damping)
+                state, retries = self._inverse(cached["j"], damping, cached["samples"])
         else:
-            with tf.name_scope("tengrad_cholesky"):
-                damped = woodbury.factorize(cached["gram"], damping, self.max_damping_retries,
-                                            jit=self.jit_solve, samples=cached["samples"])
-            state = {"cholesky": damped.cholesky, "damping": damped.damping,
-                     "requested": damping}
-            retries = damped.retries
-        # Only the solve's state: the factors and the Gram are those of the last update, and the
-        # cache stays as filled (or not) as it was.
+            state, retries = self._factorize(cached["gram"], damping, cached["samples"])
+        # Only the solve's state: factors, Gram and `filled` stay those of the last update.
         for k, v in state.items():
             self._cache.variables[k].assign(v)
         if self.condition is not None:

@@ -54,7 +54,8 @@ default: eigenvalues clipped at 0 before adding the damping, a positive-definite
 any finite factor) or from a Cholesky factorization of F + δI ("cholesky": about a tenth of the
 flops; F + δI must be positive definite in floating point, which holds while δ is well above the
 factor's rounding, ~ε‖F‖; otherwise the factor is not finite and the step is skipped, counted),
-in float64 for float64 layers and float32 otherwise. Steps whose factors are not finite are skipped by the core and leave the block untouched.
+in float64 for float64 layers and float32 otherwise. Steps whose factors are not finite are
+skipped by the core and leave the block untouched.
 
 Under tf.distribute the core hands every replica the layer inputs and output gradients of the whole
 global batch (all-gathered, see distribute.py), so the factors are the global batch's statistics,
