@@ -38,7 +38,7 @@ from tengrad_tf.kfac import INVERSE_METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 128
-STEP_MODELS = ["mlp", "3c1f", "mobilenet_v2", "transformer"]
+STEP_MODELS = ["mlp", "3c1f", "3c1f_w32", "mobilenet_v2", "transformer"]
 VOCABULARY, LENGTH = 20000, 64
 
 
@@ -155,6 +155,7 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
     mlp           784-512-256-10
     3c1f          the paper's Fashion-MNIST CNN: 3 × [Conv 3×3, 128, 'same', ReLU], MaxPool 3,
                   Dense 500, 10
+    3c1f_w32      the same at width 32 (issue #13's step time at freq 1)
     mobilenet_v2  keras.applications.MobileNetV2(alpha=0.35), 32×32×3: Conv2D, DepthwiseConv2D
                   and BatchNormalization blocks
     transformer   tengrad_tf.models.transformer_classifier: a 20k-token Embedding and positions
@@ -165,9 +166,11 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
         model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
                                   keras.layers.Dense(256, activation="relu"), keras.layers.Dense(10)])
         return model, (784,)
-    if model_name == "3c1f":
+    if model_name in ("3c1f", "3c1f_w32"):
+        width = 128 if model_name == "3c1f" else 32
         layers = [keras.Input((28, 28, 1))]
-        layers += [keras.layers.Conv2D(128, 3, padding="same", activation="relu") for _ in range(3)]
+        layers += [keras.layers.Conv2D(width, 3, padding="same", activation="relu")
+                   for _ in range(3)]
         layers += [keras.layers.MaxPooling2D(3), keras.layers.Flatten(),
                    keras.layers.Dense(500, activation="relu"), keras.layers.Dense(10)]
         return keras.Sequential(layers), (28, 28, 1)

@@ -39,7 +39,7 @@ def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf
     """J, the explicit per-sample gradients (m, *matrix), chunked over samples."""
     intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
     chunk = cost.chunk(memory_budget, _BYTES * intermediate)
-    if helper.structure is Structure.KRONECKER:
+    if helper.structure is Structure.KRONECKER and helper.per_sample_from_rows:
         return per_sample.per_sample(lambda xs: input_rows(helper, xs), inputs,
                                      output_rows(helper, output_grads), chunk)
     if helper.structure is Structure.TOKENS:  # small tables only (cost.cache_kind)

@@ -174,6 +174,9 @@ class KroneckerHelper(LayerHelper):
 
     structure = Structure.KRONECKER
     groups: int = 1
+    #: Route E forms J from the unfolded rows Â and G (blocks/per_sample.py). False: the helper
+    #: forms J itself, cheaper, by `per_sample_gradients(recorded, output_grad)` (convolutions).
+    per_sample_from_rows = True
 
     @property
     def kernel(self):

@@ -156,3 +156,39 @@ def test_true_fisher_without_bias(float64, fixed_sampled_labels, layer):
         shape, conv = (3, 4, 2), keras.layers.Conv2DTranspose(2, 3, strides=2, use_bias=False)
     x, y = data(shape, m=4)
     fit_matches_reference(conv_model(conv, shape), x, y, "true", fixed_sampled_labels)
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (keras.layers.Conv2D(4, (3, 2), padding="same", dilation_rate=(1, 2)), (7, 6, 3)),
+    (keras.layers.Conv2D(6, 3, groups=3, use_bias=False), (6, 5, 3)),
+    (keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2), (5, 6, 4)),
+    (keras.layers.Conv1D(3, 3, padding="causal", dilation_rate=2), (9, 2)),
+    (keras.layers.Conv3D(2, 2, padding="same"), (4, 3, 3, 2)),
+], ids=["conv2d-dilated", "grouped", "depthwise", "conv1d-causal", "conv3d"])
+def test_per_sample_gradients_by_offset_match_the_unfolded_rows(conv, shape):
+    """At stride 1 a convolution forms J by kernel offset, never unfolding: the same J as Âᵢᵀ Gᵢ
+    from the patches, laid out as the block's matrix (bias row last, groups first)."""
+    from tengrad_tf import layers
+
+    conv_model(conv, shape)  # builds the layer
+    helper = layers.helper_for(conv)
+    assert not helper.per_sample_from_rows
+    rng = np.random.default_rng(1)
+    x = tf.constant(rng.normal(size=(3, *shape)), tf.float32)
+    g = tf.constant(rng.normal(size=(3, *conv(x).shape[1:])), tf.float32)
+    rows = helper.input_rows(x)
+    equation = "ipa,ipb->iab" if helper.groups == 1 else "ipga,ipgb->igab"
+    expected = tf.einsum(equation, rows, helper.output_rows(g))
+    got = helper.per_sample_gradients(x, g)
+    assert got.shape == (3, *helper.matrix_shape) == expected.shape
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_convolutions_unfold():
+    """Strided slices are slower than TF's patch extraction: strided convolutions keep route E
+    from the unfolded rows."""
+    from tengrad_tf import layers
+
+    conv = keras.layers.Conv2D(2, 3, strides=(1, 2))
+    conv_model(conv, (6, 6, 1))
+    assert layers.helper_for(conv).per_sample_from_rows
