@@ -12,7 +12,8 @@ Every run trains the same initialization (per seed) for `--seconds` of wall-cloc
 the first step's tracing included (a user's clock includes it); the clock stops while the test set
 is evaluated at the end. Within a seed the optimizers run interleaved, so machine noise hits them
 alike. `--variants` adds TENGraD configurations beside the defaults (the options the study
-compares: learning_rate="auto", adaptive damping, the whole-network Fisher, first-order rules).
+compares: learning_rate="auto", adaptive damping, the whole-network Fisher, first-order rules,
+the Fisher of several batches).
 
     python benchmarks/defaults.py                                  # the committed study
     python benchmarks/defaults.py --models mlp textcnn --seconds 5 --seeds 1   # quick look
@@ -50,6 +51,7 @@ VARIANTS = {
     "TENGraD(adaptive_damping=False)": dict(adaptive_damping=False),
     "TENGraD(fisher_blocks='network')": dict(fisher_blocks="network"),
     "TENGraD(first_order='sgd')": dict(first_order="sgd"),
+    "TENGraD(curvature_batches=4)": dict(curvature_batches=4),
 }
 
 
