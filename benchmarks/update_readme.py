@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
-MARKER = re.compile(r"<!-- ([a-z_]+) -->.*?<!-- /\1 -->", re.S)
+MARKER = re.compile(r"<!-- ([a-z0-9_]+) -->.*?<!-- /\1 -->", re.S)
 
 
 def _renderer(name: str):
@@ -38,6 +38,8 @@ TABLES = {name: _renderer(name) for name in
 # benchmarks/results/).
 FOLDER_TABLES = {
     "time_to_accuracy_paper": ("time_to_accuracy", "time_to_accuracy_paper/time_to_accuracy.json"),
+    "time_to_accuracy_cifar10": ("time_to_accuracy",
+                                 "time_to_accuracy_cifar10/time_to_accuracy.json"),
 }
 TABLES.update({name: _renderer(benchmark) for name, (benchmark, _) in FOLDER_TABLES.items()})
 

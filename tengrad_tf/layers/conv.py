@@ -200,8 +200,8 @@ class ConvHelper(KroneckerHelper):
             else:
                 per_offset.append(tf.einsum("ipga,ipgb->igab", tf.reshape(seen, grouped), g))
         # (window, c_in/groups) rows per group, as `_input_rows` lays them out.
-        j = tf.stack(per_offset, axis=-3)
-        j = tf.reshape(j, tf.concat([tf.shape(j)[:-3], [self.kernel_rows, self.d_out]], 0))
+        groups = [self.groups] if self.groups > 1 else []
+        j = tf.reshape(tf.stack(per_offset, axis=-3), [-1, *groups, self.kernel_rows, self.d_out])
         if self.has_bias:
             j = tf.concat([j, tf.reduce_sum(g, axis=1)[..., None, :]], axis=-2)
         return j
