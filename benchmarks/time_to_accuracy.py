@@ -62,7 +62,7 @@ the configuration; the JSON records what was used.
 
     python benchmarks/time_to_accuracy.py                       # cpu configuration, 3 seeds
     python benchmarks/time_to_accuracy.py --config paper --seeds 1
-    python benchmarks/time_to_accuracy.py --config cifar10 --out benchmarks/results/time_to_accuracy_cifar10
+    python benchmarks/time_to_accuracy.py --config cifar10 --out OUT   # TENGRAD_CIFAR_NPZ_DIR set
     python benchmarks/time_to_accuracy.py --quick --out /tmp/tta
 
 Writes, under --out (default benchmarks/results/): time_to_accuracy.json (date, machine, commit,
@@ -292,8 +292,8 @@ def tuned_hparams(cfg: dict, path: Path) -> tuple[dict[str, dict[str, Any]], dic
     size = {k: tuned["config"][k] for k in ("width", "hidden", "batch_size")}
     if size != {k: cfg.get(k) for k in size}:
         raise SystemExit(f"error: {path} was tuned for {size}, this run trains "
-                         f"{ {k: cfg.get(k) for k in size} }; rerun benchmarks/tune_presets.py with "
-                         "the same --width/--hidden, or pass --presets paper")
+                         f"{ {k: cfg.get(k) for k in size} }; rerun benchmarks/tune_presets.py "
+                         "with the same --width/--hidden, or pass --presets paper")
     missing = [n for n in cfg["optimizers"] if n not in tuned["chosen"]]
     if missing:
         raise SystemExit(f"error: {path} has no tuned learning rate for {', '.join(missing)}; "
