@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tengrad_tf.layers import unfold
+from tengrad_tf.layers import helper_for, unfold
 from tests.layers.exactness import fit_matches_reference, treatment
 
 FISHERS = ["empirical", "true"]
@@ -168,10 +168,8 @@ def test_true_fisher_without_bias(float64, fixed_sampled_labels, layer):
 def test_per_sample_gradients_by_offset_match_the_unfolded_rows(conv, shape):
     """At stride 1 a convolution forms J by kernel offset, never unfolding: the same J as Âᵢᵀ Gᵢ
     from the patches, laid out as the block's matrix (bias row last, groups first)."""
-    from tengrad_tf import layers
-
     conv_model(conv, shape)  # builds the layer
-    helper = layers.helper_for(conv)
+    helper = helper_for(conv)
     assert not helper.per_sample_from_rows
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(size=(3, *shape)), tf.float32)
@@ -187,8 +185,6 @@ def test_per_sample_gradients_by_offset_match_the_unfolded_rows(conv, shape):
 def test_strided_convolutions_unfold():
     """Strided slices are slower than TF's patch extraction: strided convolutions keep route E
     from the unfolded rows."""
-    from tengrad_tf import layers
-
     conv = keras.layers.Conv2D(2, 3, strides=(1, 2))
     conv_model(conv, (6, 6, 1))
-    assert layers.helper_for(conv).per_sample_from_rows
+    assert helper_for(conv).per_sample_from_rows
