@@ -37,8 +37,7 @@ def output_rows(helper, output_grads) -> tf.Tensor:
 
 def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf.Tensor:
     """J, the explicit per-sample gradients (m, *matrix), chunked over samples."""
-    intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
-    chunk = cost.chunk(memory_budget, _BYTES * intermediate)
+    chunk = _per_sample_chunk(helper, inputs, memory_budget)
     if helper.structure is Structure.KRONECKER and helper.per_sample_from_rows:
         return per_sample.per_sample(lambda xs: input_rows(helper, xs), inputs,
                                      output_rows(helper, output_grads), chunk)
@@ -49,6 +48,12 @@ def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf
     return per_sample.map_sample_chunks(
         lambda *ts: tf.add_n([helper.per_sample_gradients(ts[k], ts[n + k]) for k in range(n)]),
         [*inputs, *output_grads], chunk, dtype=helper.dtype)
+
+
+def _per_sample_chunk(helper, inputs, memory_budget: int) -> int:
+    """Samples per chunk of J's intermediate (patches or per-sample gradients)."""
+    intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
+    return cost.chunk(memory_budget, _BYTES * intermediate)
 
 
 def pair_chunk(g: tf.Tensor, memory_budget: int) -> tf.Tensor:
@@ -96,39 +101,37 @@ def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: fl
     p = total_positions(helper, inputs)
     g = output_rows(helper, output_grads)
 
+    # A factors cache keeps the patch rows Â: both routes start from them.
+    a = input_rows(helper, inputs) if cache is CacheKind.FACTORS else None
+
     def route_f():
-        a = input_rows(helper, inputs)
-        return a, per_sample.gram_factored(a, g, pair_chunk(g, memory_budget))
+        rows = input_rows(helper, inputs) if a is None else a
+        return per_sample.gram_factored(rows, g, pair_chunk(g, memory_budget))
 
     def route_e():
-        # J is formed in chunks of samples; with a factors cache it is dropped after the Gram.
-        return per_sample.gram_explicit(
-            per_sample_gradients(helper, inputs, output_grads, memory_budget) if j is None else j)
+        if j is not None:
+            return per_sample.gram_explicit(j)
+        # J from the cached rows, in chunks of samples, dropped after the Gram.
+        return per_sample.gram_explicit(per_sample.per_sample(
+            lambda rows: rows[0], [a], g, _per_sample_chunk(helper, inputs, memory_budget)))
 
     # The cache (what is smaller to keep) and the Gram route (what is cheaper to compute) are
     # separate choices: with P > 1 positions, route F's m²P²(D_in + D_out) can exceed route E's
     # m·P·D_in·D_out + m²·D_in·D_out even when the factors are the smaller cache (a Dense layer on
     # sequences, a late convolution).
-    a = None
     if threshold == math.inf:
-        a, gram = route_f()
+        gram = route_f()
     elif threshold < 1:
         gram = route_e()
     elif g.shape[0] is not None:
         # A static batch decides the route here: a tf.cond on a constant predicate would be folded
         # by grappler, and a pruned branch holding a chunk loop (map_fn) breaks its topological
         # sort, after which it leaves the step unoptimized.
-        if g.shape[0] < threshold:
-            a, gram = route_f()
-        else:
-            gram = route_e()
+        gram = route_f() if g.shape[0] < threshold else route_e()
     else:
-        gram = tf.cond(tf.cast(tf.shape(g)[0], tf.float64) < threshold,
-                       lambda: route_f()[1], route_e)
+        gram = tf.cond(tf.cast(tf.shape(g)[0], tf.float64) < threshold, route_f, route_e)
     if cache is CacheKind.PER_SAMPLE:
         return {"j": j}, gram
-    if a is None:
-        a = input_rows(helper, inputs)
     if p == 1:  # stored as matrices: the steps between updates then need no slicing
         a, g = a[:, 0], g[:, 0]
     return {"a": a, "g": g}, gram
