@@ -61,6 +61,9 @@ class Directions:
             step.parts.append((block, ids, curvature))
         if step.parts:
             self._network_curvature(step, work)
+        # What preconditions: the curvature just found, or (lagged curvature) on an update step
+        # the one cached before it; step.stores keeps the new one (base.FisherBlock.preconditioner).
+        step.parts = [(b, ids, b.preconditioner(step.counter, c)) for b, ids, c in step.parts]
 
     def _prepare(self, holder, *args) -> None:
         """Ask a block (or the network solve) to create its state if it has none yet, and restore
@@ -82,8 +85,10 @@ class Directions:
         samples = parts[0][2].get("samples", tf.shape(work[0][3][0])[0])
         state, tries = self._network.curvature(step.fresh, grams, samples)
         step.retries.append(tries)
-        step.network = (self._network, state)
-        step.parts = [(b, ids, {**c, "damping": state["damping"]}) for b, ids, c in parts]
+        block = parts[0][0]  # the blocks share one schedule
+        solving = self._network.preconditioner(block.lags(step.counter), state)
+        step.network = (self._network, solving, state)
+        step.parts = [(b, ids, {**c, "damping": solving["damping"]}) for b, ids, c in parts]
 
     def _make_network_solve(self):
         """The network solve (blocks/network.py) when all blocks share one Fisher, else None."""
@@ -94,7 +99,7 @@ class Directions:
         grads = step.grads
         directions = list(grads)
         if step.network is not None:
-            solve, state = step.network
+            solve, state, _ = step.network
             parts = step.parts
             for (_, ids, _), ds in zip(parts, solve.precondition(
                     [(b, c) for b, _, c in parts], [[grads[i] for i in ids] for _, ids, _ in parts],

@@ -53,6 +53,11 @@ class TENGraD(PreconditionedOptimizer):
             k curvature updates together (a k·m Gram; the cache holds k batches). k = 4 and 10
             needed fewer steps than k = 1 on 3C1F (docs/step.md, "Several batches"); 1 stays the
             default until it is measured more widely.
+        lagged_curvature: on a curvature update, precondition the step with the curvature of the
+            previous update (still cached) and keep the new one for the steps after, so that no
+            batch's gradient is preconditioned by its own Fisher, which damps it most where it
+            points (docs/step.md, "Lagged curvature"). The first step, with nothing cached, takes
+            its own. False: every update step takes its own batch's Fisher, as in the paper.
         kl_clip: κ > 0 for KL clipping of the step, or None to disable.
         memory_budget: bytes one chunk of the convolution Gram routes may use.
         max_damping_retries: how often an indefinite Gram is refactorized with 10× more damping.
@@ -93,6 +98,7 @@ class TENGraD(PreconditionedOptimizer):
         fisher="true",
         curvature_update_freq=100,
         curvature_batches=1,
+        lagged_curvature=True,
         kl_clip=1e-2,
         first_order="adam",
         first_order_learning_rate=1e-3,
@@ -124,6 +130,8 @@ class TENGraD(PreconditionedOptimizer):
               "expected an int >= 1")
         check("curvature_batches", curvature_batches, is_int(curvature_batches, 1),
               "expected an int >= 1")
+        check("lagged_curvature", lagged_curvature, isinstance(lagged_curvature, bool),
+              "expected True or False")
         check("memory_budget", memory_budget, is_int(memory_budget, 2**20),
               "expected an int number of bytes >= 1 MiB")
         check("max_damping_retries", max_damping_retries, is_int(max_damping_retries, 0),
@@ -148,6 +156,7 @@ class TENGraD(PreconditionedOptimizer):
         self.fisher_blocks = fisher_blocks
         self.curvature_update_freq = int(curvature_update_freq)
         self.curvature_batches = int(curvature_batches)
+        self.lagged_curvature = lagged_curvature
         self.memory_budget = int(memory_budget)
         self.max_damping_retries = int(max_damping_retries)
         self.jit_solve = jit_solve
@@ -161,7 +170,7 @@ class TENGraD(PreconditionedOptimizer):
             max_damping_retries=self.max_damping_retries,
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
             adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
-            curvature_batches=self.curvature_batches)
+            curvature_batches=self.curvature_batches, lagged_curvature=self.lagged_curvature)
 
     def _make_network_solve(self):
         if self.fisher_blocks != "network":
@@ -188,6 +197,7 @@ class TENGraD(PreconditionedOptimizer):
             "fisher_blocks": self.fisher_blocks,
             "curvature_update_freq": self.curvature_update_freq,
             "curvature_batches": self.curvature_batches,
+            "lagged_curvature": self.lagged_curvature,
             "memory_budget": self.memory_budget,
             "max_damping_retries": self.max_damping_retries,
             "jit_solve": self.jit_solve,

@@ -275,7 +275,7 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
             for (block, _), curvature in zip(step.stores, curvatures):
                 block.commit(step.counter, curvature)
             if network is not None:
-                network[0].commit(step.fresh, network[1])
+                network[0].commit(step.fresh, network[2])
             # Keras divides by loss_scale_factor again inside apply.
             scaled = directions if scale == 1.0 else [None if d is None else d * scale
                                                       for d in directions]

@@ -30,7 +30,7 @@ class Step:
     stores: list = dataclasses.field(default_factory=list)  # (block, its curvature)
     parts: list = dataclasses.field(default_factory=list)  # (block, variable indices, curvature)
     retries: list = dataclasses.field(default_factory=list)  # damping retries (int32 tensors)
-    network: Any = None  # (NetworkSolve, its curvature) under fisher_blocks="network"
+    network: Any = None  # fisher_blocks="network": (NetworkSolve, what solves, what to keep)
     directions: list = None
     first_order: list = None  # indices of the variables without a block that have a gradient
     d_dot_g: tf.Tensor = None  # ⟨d, g⟩ of the final directions, float64

@@ -32,7 +32,7 @@ def next_damping(lam, rho, every):
     return float(np.clip(new, 1e-8, 1e4))
 
 
-def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto"):
+def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto", lagged=True):
     """The adaptive TENGraD step, in numpy, on a clone of `model`: [(weights, a, ρ, λ)] per step.
 
     learning_rate="auto": the step is the model's minimizer in span{d, previous step}. A float:
@@ -50,14 +50,16 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
         xb, yb = x[t * m:(t + 1) * m], y[t * m:(t + 1) * m]
         rows = reference.per_sample_gradients(model, xb, yb, per_sample_sce, variables)
         g = {p: r.mean(axis=0) for p, r in rows.items()}
+        # An update step takes the Fisher of the update before it when lagged (its own if none).
+        fisher_of = cached if t % freq or (lagged and cached is not None) else rows
         if t % freq == 0:
             cached = rows
         d = {}
         for kernel, bias in blocks:
-            d[kernel], d[bias] = reference.block_direction([cached[kernel], cached[bias]],
+            d[kernel], d[bias] = reference.block_direction([fisher_of[kernel], fisher_of[bias]],
                                                            [g[kernel], g[bias]], lam)
         flat = lambda v: np.concatenate([np.ravel(v[p]) for p in paths])  # noqa: E731
-        u = np.concatenate([cached[p] for p in paths], axis=1)  # (m, all parameters)
+        u = np.concatenate([fisher_of[p] for p in paths], axis=1)  # (m, all parameters)
         curvature = u.T @ u / m + lam * np.eye(u.shape[1])  # the whole network's F + λI
         dv, pv, gv = flat(d), flat(previous), flat(g)
         gram = np.array([[dv @ curvature @ dv, dv @ curvature @ pv],
@@ -97,7 +99,8 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, *
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
     x, y = data(m * steps)
-    expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate)
+    expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
+                        lagged=options.get("lagged_curvature", True))
     opt = TENGraD(learning_rate=learning_rate, momentum=momentum, damping=damping, kl_clip=None,
                   fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
                   damping_adaptation_interval=1, **options)
@@ -121,10 +124,14 @@ def test_adaptive_step_matches_the_float64_simulation(float64, momentum):
                              learning_rate="auto")
 
 
-def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simulation(float64):
+@pytest.mark.parametrize("lagged", [True, False])
+def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simulation(float64,
+                                                                                      lagged):
     """The default mode: M(s) of the momentum step s = lr·(d + μ·buffer), ρ, λ (floored at λ₀) and
-    the steps taken back, against the simulation."""
-    check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5)
+    the steps taken back, against the simulation; with the update step's Fisher lagged (the
+    default) and its own batch's."""
+    check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5,
+                             lagged_curvature=lagged)
 
 
 @pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
@@ -261,21 +268,23 @@ def test_network_fisher_reuses_its_factorization_and_resumes(float64, tmp_path):
     assert resumed.optimizer._network is not None
 
 
+@pytest.mark.parametrize("lagged", [False, True])
 @pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
 def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
-        float64, fisher_blocks):
+        float64, fisher_blocks, lagged):
     """curvature_batches=2 with curvature updates every 2 steps: each update's Fisher is that of
     the per-sample gradients of its batch and of the previous update's batch (taken at the weights
     of their own steps), newest first; the last, smaller batch keeps as many of the previous
-    samples as it has itself. Simulated in numpy with explicit per-sample gradients; k = 1 would
-    miss it by far."""
+    samples as it has itself. With lagged curvature an update step takes the window before it.
+    Simulated in numpy with explicit per-sample gradients; k = 1 would miss it by far."""
     m, lr, damping, k, freq = 8, 0.1, 0.05, 2, 2
     x, y = data(44, seed=5)  # batches of 8, 8, 8, 8, 8 and 4
     keras.utils.set_random_seed(0)
     model = mlp()
     init = model.get_weights()
     opt = plain(learning_rate=lr, damping=damping, curvature_update_freq=freq,
-                curvature_batches=k, fisher="empirical", fisher_blocks=fisher_blocks)
+                curvature_batches=k, fisher="empirical", fisher_blocks=fisher_blocks,
+                lagged_curvature=lagged)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
 
@@ -288,12 +297,14 @@ def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
     for step, start in enumerate(range(0, 44, m)):
         xb, yb = x[start:start + m], y[start:start + m]
         rows = reference.per_sample_gradients(twin, xb, yb, per_sample_sce, variables)
+        before = window
         if step % freq == 0:
             n = len(xb)
             window = (rows if window is None else
                       {p: np.concatenate([rows[p], window[p][:(k - 1) * n]]) for p in rows})
+        fisher_of = before if lagged and step % freq == 0 and before is not None else window
         for block in blocks:
-            u = [window[v.path] for v in block]
+            u = [fisher_of[v.path] for v in block]
             g = [rows[v.path].mean(0) for v in block]
             ds = reference.block_direction(u, g, damping)
             if step == 2:

@@ -168,11 +168,13 @@ def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, mon
         variables = shadow.trainable_variables
         g_per = reference.per_sample_gradients(shadow, xb, yb, per_sample_sce, variables)
         g = {p: v.mean(axis=0) for p, v in g_per.items()}
+        fisher_of = cached  # lagged curvature: an update step takes the update's before it
         if t % freq == 0:
-            cached = reference.per_sample_gradients(shadow, xb, yfb, per_sample_sce, variables)
+            fresh = reference.per_sample_gradients(shadow, xb, yfb, per_sample_sce, variables)
+            fisher_of, cached = (fresh if cached is None else cached), fresh
         d = {}
         for kernel, bias in reference.layer_blocks(shadow):
-            ds = reference.block_direction([cached[kernel.path], cached[bias.path]],
+            ds = reference.block_direction([fisher_of[kernel.path], fisher_of[bias.path]],
                                            [g[kernel.path], g[bias.path]], damping)
             d[kernel.path], d[bias.path] = ds
         vdg = sum(d[p] @ g[p] for p in d)

@@ -32,6 +32,7 @@ SPECIFIC_BAD = {
               ("fisher_blocks", "all"),
               ("curvature_update_freq", 0), ("curvature_update_freq", 2.5),
               ("curvature_batches", 0), ("curvature_batches", 2.0),
+              ("lagged_curvature", "yes"), ("lagged_curvature", 1),
               ("memory_budget", 1000), ("memory_budget", 2.0**30),
               ("max_damping_retries", -1), ("max_damping_retries", None),
               ("jit_solve", "yes"), ("jit_solve", 1), ("max_batch_size", 0),

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tengrad_tf import eager_state, layers, woodbury
 from tengrad_tf.blocks import cost, gram, per_sample, schedule, tokens
-from tengrad_tf.blocks.cache import Cache, capacity_for
+from tengrad_tf.blocks.cache import Cache, cache_layout, capacity_for
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.blocks.protocol import CurvatureBlock
 
@@ -41,7 +41,8 @@ class FisherBlock(CurvatureBlock):
                  damping: float | tf.Variable = 0.1, curvature_update_freq: int = 1,
                  max_damping_retries: int = 6, jit_solve: bool = False,
                  max_batch_size: int | None = None, adaptive_damping: bool = False,
-                 joint: bool = False, curvature_batches: int = 1):
+                 joint: bool = False, curvature_batches: int = 1,
+                 lagged_curvature: bool = False):
         helper = layers.helper_for(layer)
         if helper is None or not helper.captures:
             raise ValueError(f"no exact Fisher block for layer '{layer.name}' "
@@ -61,6 +62,8 @@ class FisherBlock(CurvatureBlock):
         # (a window of up to k·m samples, newest first): rank up to k·m instead of m.
         self.curvature_batches = int(curvature_batches)
         self.curvature_update_freq = int(curvature_update_freq)
+        # Precondition an update step with the curvature cached before it (`preconditioner`).
+        self.lagged_curvature = bool(lagged_curvature)
         self.max_damping_retries = max_damping_retries
         # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
         # (cache.py): TENGraD's jit_solve and max_batch_size.
@@ -126,38 +129,11 @@ class FisherBlock(CurvatureBlock):
         p = gram.total_positions(self.helper, inputs)
         capacity = capacity_for(self.layer.name, inputs[0].shape[0], self.max_batch_size,
                                 self.curvature_batches)
-        cache, h = self.cache_kind(p), self.helper
-        rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
-        if cache is CacheKind.FACTORS:
-            fields = {"a": rows + [h.d_in], "g": rows + [h.d_out]}
-        elif cache is CacheKind.TOKENS:
-            # Token ids are kept as floats (exact below 2²⁴, layers.EmbeddingHelper), so that every
-            # cached tensor is one the core's finiteness check of fresh curvature can take.
-            fields = {"tokens": [capacity, p], "g": [capacity, p, h.d_out]}
-        elif cache is CacheKind.PER_SAMPLE or (cache is CacheKind.INVERSE
-                                               and self.adaptive_damping):
-            fields = {"j": [capacity, *h.matrix_shape]}
-        else:
-            fields = {}
-        if self.joint:  # the network solve keeps the factorization (blocks/network.py)
-            solve_state = {}
-        elif cache is CacheKind.INVERSE:
-            solve_state = {"inverse": [h.size] * 2}
-            if self.adaptive_damping:  # the λ it was built for
-                solve_state["requested"] = []
-        else:
-            solve_state = {"cholesky": [capacity, capacity]}
-            if self.adaptive_damping:  # K and the λ it was factorized for
-                solve_state.update(gram=[capacity, capacity], requested=[])
-        if "requested" in solve_state or self.curvature_batches > 1:
-            solve_state["samples"] = []  # m, the real samples (the cache may be zero-padded)
-        if not self.joint:
-            solve_state["damping"] = []
-        self._cache = Cache(
-            self.layer.name,
-            {**{n: (shape, self.dtype) for n, shape in fields.items()},
-             **{n: (shape, woodbury.SOLVE_DTYPE) for n, shape in solve_state.items()}},
-            capacity, self.max_batch_size, ones=("damping",))
+        fields = cache_layout(self.helper, self.cache_kind(p), capacity, p,
+                              adaptive_damping=self.adaptive_damping, joint=self.joint,
+                              window=self.curvature_batches > 1)
+        self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size,
+                            ones=("damping",))
         if self.diagnostics:
             with eager_state.outside_the_step():
                 self.condition = tf.Variable(tf.constant(0.0, woodbury.SOLVE_DTYPE),
@@ -302,6 +278,26 @@ class FisherBlock(CurvatureBlock):
         if self.condition is not None:
             self.condition.assign(woodbury.condition_number(state))
         return retries
+
+    def preconditioner(self, step, curvature: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """With lagged curvature, an update step is preconditioned by the previous update's
+        curvature, still in the cache (the first one, with none, by its own); `curvature`, the
+        fresh one, is kept for the steps after. Why: a batch's gradient lies mostly in the span of
+        its own per-sample gradients, which its own Fisher damps most (docs/step.md)."""
+        if not self.lagged_curvature:
+            return curvature
+
+        def cached():
+            held = self._cache.read()
+            return {k: held.get(k, v) for k, v in curvature.items()}
+
+        return tf.cond(self.lags(step), cached, lambda: curvature)
+
+    def lags(self, step) -> tf.Tensor:
+        """Whether `preconditioner` gives this step the cached curvature (a bool tensor)."""
+        if not self.lagged_curvature:
+            return tf.constant(False)
+        return tf.logical_and(schedule.every(step, self.curvature_update_freq), self._cache.filled)
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""

@@ -8,7 +8,7 @@ many samples and smaller batches are zero-padded (`to_capacity`). Padded samples
 U and the solve gives them zero weight, so this is exact; XLA needs it, because a variable's shape
 cannot change under XLA.
 
-What this module does not do: decide what to cache (base.py and cost.py), or compute it.
+What this module does not do: decide which kind of cache a block keeps (cost.py), or compute it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from tengrad_tf import _tf_private, distribute, eager_state
+from tengrad_tf import _tf_private, distribute, eager_state, woodbury
+from tengrad_tf.blocks.cost import CacheKind
 
 
 class XlaCacheError(RuntimeError):
@@ -52,6 +53,39 @@ def capacity_for(layer_name: str, batch: int | None, max_batch_size: int | None,
             "smaller batches are zero-padded exactly), or compile with "
             "model.compile(jit_compile=False).")
     return capacity
+
+
+def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, *,
+                 adaptive_damping: bool, joint: bool, window: bool) -> dict[str, tuple]:
+    """{field: (shape, dtype)} of a block's cache of kind `cache` (cost.py) for `capacity` samples
+    and P = `p` positions: the factors (layer dtype), and the solve's state (float64)."""
+    rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
+    if cache is CacheKind.FACTORS:
+        fields = {"a": rows + [helper.d_in], "g": rows + [helper.d_out]}
+    elif cache is CacheKind.TOKENS:
+        # Token ids are kept as floats (exact below 2²⁴, layers.EmbeddingHelper), so that every
+        # cached tensor is one the core's finiteness check of fresh curvature can take.
+        fields = {"tokens": [capacity, p], "g": [capacity, p, helper.d_out]}
+    elif cache is CacheKind.PER_SAMPLE or (cache is CacheKind.INVERSE and adaptive_damping):
+        fields = {"j": [capacity, *helper.matrix_shape]}
+    else:
+        fields = {}
+    if joint:  # the network solve keeps the factorization (blocks/network.py)
+        solve_state = {}
+    elif cache is CacheKind.INVERSE:
+        solve_state = {"inverse": [helper.size] * 2}
+        if adaptive_damping:  # the λ it was built for
+            solve_state["requested"] = []
+    else:
+        solve_state = {"cholesky": [capacity, capacity]}
+        if adaptive_damping:  # K and the λ it was factorized for
+            solve_state.update(gram=[capacity, capacity], requested=[])
+    if "requested" in solve_state or window:
+        solve_state["samples"] = []  # m, the real samples (the cache may be zero-padded)
+    if not joint:
+        solve_state["damping"] = []
+    return {**{n: (shape, helper.dtype) for n, shape in fields.items()},
+            **{n: (shape, woodbury.SOLVE_DTYPE) for n, shape in solve_state.items()}}
 
 
 class Cache:

@@ -309,6 +309,10 @@ class KroneckerBlock(CurvatureBlock):
         tf.cond(update_inv, store(("A_inv", "G_inv"), False), lambda: tf.constant(False))
         tf.cond(update_cov, store(("A", "G"), True), lambda: tf.constant(False))
 
+    def preconditioner(self, step, state: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """This step's own averages: they already average over many batches."""
+        return state
+
     def precondition(self, grads: list[tf.Tensor], state: dict[str, tf.Tensor]) -> list[tf.Tensor]:
         """(A + π√λ I)⁻¹ V (G + √λ/π I)⁻¹ for this block's kernel and bias gradients (per group)."""
         v = self.helper.to_matrix(grads)

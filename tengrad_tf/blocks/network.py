@@ -98,6 +98,12 @@ class NetworkSolve:
             self._cache[k].assign(state[k])
         return retries
 
+    def preconditioner(self, lags, state) -> dict[str, tf.Tensor]:
+        """The factorization that solves this step: `state`, or the cached one where `lags` (the
+        blocks' lagged curvature on an update step, base.FisherBlock.preconditioner)."""
+        return tf.cond(lags, lambda: {k: v.read_value() for k, v in self._cache.items()},
+                       lambda: state)
+
     def precondition(self, blocks, grads, state) -> list[list[tf.Tensor]]:
         """[(F + λI)⁻¹ g]_b for every block b of `blocks` [(block, its curvature)], with F the
         Fisher of all of them together; `grads`: each block's gradient list."""

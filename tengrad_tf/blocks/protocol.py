@@ -16,8 +16,11 @@ One traced step, in the core's order:
      per-sample output gradients, which the true Fisher pays a backward pass for). Pure.
   3. `curvature(step, inputs, output_grads)`: fresh or cached curvature, by the block's schedule,
      as a dict of tensors, and the damping retries it took. Assigns nothing.
-  4. `precondition(grads, curvature)`: the block's directions.
-  5. `commit(step, curvature)`: keep the curvature (called only when the whole step is finite).
+  4. `preconditioner(step, curvature)`: the curvature that preconditions this step's gradients:
+     `curvature` itself, or (TENGraD's lagged curvature) on an update step the one cached before.
+  5. `precondition(grads, curvature)`: the block's directions.
+  6. `commit(step, curvature)`: keep the curvature of step 3 (called only when the whole step is
+     finite).
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class CurvatureBlock(Protocol):
     def curvature(self, step: tf.Tensor, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                   ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """(curvature, damping retries as an int32 tensor) for this step."""
+
+    def preconditioner(self, step: tf.Tensor, curvature: dict[str, tf.Tensor]
+                       ) -> dict[str, tf.Tensor]:
+        """The curvature that preconditions this step (from `curvature`'s result)."""
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]
                      ) -> list[tf.Tensor]:
