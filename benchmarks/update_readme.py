@@ -33,7 +33,7 @@ def _renderer(name: str):
 
 TABLES = {name: _renderer(name) for name in
           ("step_time", "defaults", "memory", "profile_step", "capture_overhead", "damping",
-           "first_step", "kfac_inverse")}
+           "first_step", "kfac_inverse", "lagged_curvature")}
 # Configurations written to a folder of their own (--out): table name → (benchmark, its JSON under
 # benchmarks/results/).
 FOLDER_TABLES = {

@@ -406,6 +406,26 @@ def test_capture_overhead_counts_capture_ops_and_writes_a_table(tmp_path):
         tmp_path / "capture_overhead.md").read_text()
 
 
+# ----------------------------------------------------------------------------- lagged_curvature.py
+
+
+def test_lagged_curvature_runs_both_curvatures_at_equal_steps_and_writes_a_table(tmp_path):
+    """benchmarks/lagged_curvature.py on the text CNN, 6 steps at freq 1: one run per curvature,
+    the same steps, a summary of both, and the table update_readme renders."""
+    from benchmarks import lagged_curvature, update_readme
+
+    report = lagged_curvature.main(["--models", "textcnn", "--freqs", "1", "--seeds", "1",
+                                    "--steps", "6", "--chunks", "2", "--out", str(tmp_path)])
+    rows = report["results"]
+    assert sorted(r["curvature"] for r in rows) == ["lagged", "own batch"]
+    assert {r["steps"] for r in rows} == {6} and all(len(r["train_losses"]) == 2 for r in rows)
+    (entry,) = report["summary"]
+    assert entry["lagged"]["median_train_loss"] == rows[1]["train_loss_last_epoch"]
+    on_disk = json.loads((tmp_path / "lagged_curvature.json").read_text())
+    assert update_readme.TABLES["lagged_curvature"](on_disk) == (
+        tmp_path / "lagged_curvature.md").read_text()
+
+
 # ----------------------------------------------------------------------------- first_step.py
 
 
