@@ -53,6 +53,11 @@ Configurations (`--config`):
          `cifar` presets, targets 60 / 70 / 80 % (goal on 70 %: TENGraD <= 0.8 x K-FAC and
          <= 1.0 x SGD and Adam), a budget of 300 steady-state seconds per run, 2 seeds,
          evaluation of the full test set every 200 steps.
+  cifar100  the shared CIFAR-100 subset (10,000 / 2,000 images, augmented), the authors'
+         MobileNetV2 variant (dense 3x3 convs instead of depthwise) at width x0.125, the `cifar`
+         presets, 150 steady-state seconds per run, 2 seeds, evaluation every epoch (78 steps).
+         Targets from SGD's curve: 50 / 75 / 90 % of its median best accuracy (goal on the
+         middle one, with CIFAR-10's ratios).
   --quick  a smoke test (what tests/test_benchmarks.py runs): width 8, Dense 16, 120 steps per
          run, evaluation every 20 steps up to step 60 then every 40, on the first 1,000 test
          images, one seed. Its numbers mean nothing.
@@ -63,6 +68,7 @@ the configuration; the JSON records what was used.
     python benchmarks/time_to_accuracy.py                       # cpu configuration, 3 seeds
     python benchmarks/time_to_accuracy.py --config paper --seeds 1
     python benchmarks/time_to_accuracy.py --config cifar10 --out OUT   # TENGRAD_CIFAR_NPZ_DIR set
+    python benchmarks/time_to_accuracy.py --config cifar100 --out OUT  # likewise
     python benchmarks/time_to_accuracy.py --quick --out /tmp/tta
 
 Writes, under --out (default benchmarks/results/): time_to_accuracy.json (date, machine, commit,
@@ -109,7 +115,7 @@ TARGETS = (0.85, 0.88, 0.90)
 GOAL_TARGET = 0.88
 GOAL_RATIOS = {"kfac": 0.6, "sgd": 0.9, "adam": 0.9}
 DATASET_LABELS = {"fashion_mnist": "Fashion-MNIST", "cifar10": "CIFAR-10",
-                  "cifar100": "CIFAR-100"}
+                  "cifar100": "CIFAR-100 subset (100 / 20 images per class)"}
 
 CLOCKS = {
     "seconds": "steady-state training seconds: evaluation and the first step excluded",
@@ -160,6 +166,24 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "K-FAC-style CIFAR settings, not tuned here; their learning-rate milestones (epochs "
             "30 and 50) lie beyond this budget."),
     },
+    "cifar100": {
+        "dataset": "cifar100", "model": "mobilenet_v2_dense", "width_multiplier": 0.125,
+        "presets": "paper", "batch_size": 128, "epochs": 100, "max_seconds": 150.0,
+        "max_steps": None, "eval_every": 78, "eval_switch_step": None, "eval_every_later": None,
+        "train_split": "train", "test_split": "test", "seeds": 2,
+        "targets_from_sgd": [0.5, 0.75, 0.9],
+        "goal_ratios": {"kfac": 0.8, "sgd": 1.0, "adam": 1.0},
+        "notes": (
+            "The shared CIFAR-100 subset (100 training and 20 test images per class: 10,000 / "
+            "2,000), augmented as the paper does; the authors' MobileNetV2 variant (every "
+            "depthwise conv a dense 3x3 conv, expansion halved) at width multiplier 0.125, and "
+            "150 steady-state seconds per run, to fit a 2-core CPU (an SGD step takes ~0.13 s "
+            "there, and TENGraD's first step, tracing ~90 blocks, ~75 s). Evaluation every 78 "
+            "steps (one epoch). The targets are taken from SGD's curve once its runs are in: "
+            "50 / 75 / 90 % of SGD's median best test accuracy, rounded down to a percent; the "
+            "goal is judged on the middle one, with CIFAR-10's ratios. The `cifar` presets, "
+            "not tuned here."),
+    },
     "quick": {
         "dataset": "fashion_mnist", "model": "3c1f", "presets": "paper",
         "width": 8, "hidden": 16, "batch_size": 128, "epochs": 1, "max_seconds": None,
@@ -178,9 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", choices=["cpu", "paper", "cifar10"], default="cpu",
+    p.add_argument("--config", choices=["cpu", "paper", "cifar10", "cifar100"], default="cpu",
                    help="cpu (default): reduced model, 90 s budget per run; paper: full width, "
-                        "10 epochs; cifar10: VGG16-BN x0.25 on CIFAR-10, 300 s per run")
+                        "10 epochs; cifar10: VGG16-BN x0.25 on CIFAR-10, 300 s per run; "
+                        "cifar100: MobileNetV2 (dense) x0.125 on the CIFAR-100 subset, 150 s")
     p.add_argument("--quick", action="store_true",
                    help="tiny smoke test (width 8, 120 steps, 1 seed); overrides --config")
     p.add_argument("--optimizers", nargs="+", choices=OPTIMIZERS, default=list(OPTIMIZERS),
@@ -240,11 +265,21 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"error: --width-multiplier is for the CIFAR network, not "
                              f"{cfg['model']}")
         cfg["width_multiplier"] = args.width_multiplier
-    targets = args.targets or cfg.get("targets") or list(TARGETS)
-    goal_target = cfg.get("goal_target", GOAL_TARGET)
-    if goal_target not in targets:
-        raise SystemExit(f"error: --targets must include the goal's target {goal_target}")
-    cfg.update(optimizers=list(args.optimizers), targets=sorted(targets),
+    optimizers = list(args.optimizers)
+    if cfg.get("targets_from_sgd") and not args.targets:
+        if "sgd" not in optimizers:
+            raise SystemExit("error: this configuration takes its targets from SGD's curve; "
+                             "keep sgd in --optimizers, or pass --targets")
+        optimizers.remove("sgd")
+        optimizers.insert(0, "sgd")  # its runs come first in each seed, and set the targets
+        targets, goal_target = [], None  # derive_targets sets both
+    else:
+        cfg.pop("targets_from_sgd", None)
+        targets = args.targets or cfg.get("targets") or list(TARGETS)
+        goal_target = cfg.get("goal_target", GOAL_TARGET)
+        if goal_target not in targets:
+            raise SystemExit(f"error: --targets must include the goal's target {goal_target}")
+    cfg.update(optimizers=optimizers, targets=sorted(targets),
                goal_target=goal_target, goal_ratios=cfg.get("goal_ratios", dict(GOAL_RATIOS)),
                data_dir=args.data_dir,
                overridden=sorted(k for k in ("seeds", "epochs", "eval_every", "width", "hidden",
@@ -379,6 +414,22 @@ def run_one(name: str, seed: int, cfg: dict, test_ds, steps_per_epoch: int,
             run[counter] = int(np.asarray(getattr(optimizer, counter).numpy()))
     run["time_to_target"] = {_key(t): time_to_target(rows, t) for t in cfg["targets"]}
     return run
+
+
+def derive_targets(runs: list[dict], cfg: dict) -> None:
+    """For a configuration whose targets come from SGD's curve ("targets_from_sgd": fractions of
+    SGD's median best test accuracy, rounded down to a percent): set cfg's targets and goal target
+    (the middle one) from the SGD runs so far, and every run's time to them (from its curve)."""
+    fractions = cfg.get("targets_from_sgd")
+    best = [r["best_accuracy"] for r in runs if r["optimizer"] == "sgd"]
+    if not fractions or not best:
+        return
+    sgd = statistics.median(best)
+    targets = sorted({math.floor(q * sgd * 100 + 1e-9) / 100 for q in fractions})
+    cfg.update(targets=targets, goal_target=targets[len(targets) // 2],
+               sgd_best_accuracy=sgd)
+    for r in runs:
+        r["time_to_target"] = {_key(t): time_to_target(r["rows"], t) for t in targets}
 
 
 def _dedupe(rows: list[dict]) -> list[dict]:
@@ -692,6 +743,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name in cfg["optimizers"]:
                 run = run_one(name, seed, cfg, test_ds, steps_per_epoch, Path(scratch))
                 report["runs"].append(run)
+                derive_targets(report["runs"], cfg)
                 hits = ", ".join(f"{k}: " + ("—" if h is None else f"{h['seconds']:.1f}s")
                                  for k, h in run["time_to_target"].items())
                 print(f"[{time.perf_counter() - t_all:7.0f}s] {name:8s} seed {seed}: "

@@ -40,6 +40,8 @@ FOLDER_TABLES = {
     "time_to_accuracy_paper": ("time_to_accuracy", "time_to_accuracy_paper/time_to_accuracy.json"),
     "time_to_accuracy_cifar10": ("time_to_accuracy",
                                  "time_to_accuracy_cifar10/time_to_accuracy.json"),
+    "time_to_accuracy_cifar100": ("time_to_accuracy",
+                                  "time_to_accuracy_cifar100/time_to_accuracy.json"),
 }
 TABLES.update({name: _renderer(benchmark) for name, (benchmark, _) in FOLDER_TABLES.items()})
 
