@@ -274,9 +274,10 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
         optimizers.insert(0, "sgd")  # its runs come first in each seed, and set the targets
         targets, goal_target = [], None  # derive_targets sets both
     else:
-        cfg.pop("targets_from_sgd", None)
         targets = args.targets or cfg.get("targets") or list(TARGETS)
-        goal_target = cfg.get("goal_target", GOAL_TARGET)
+        # Explicit targets for a configuration that takes them from SGD: the goal on the middle.
+        middle = sorted(targets)[len(targets) // 2] if cfg.pop("targets_from_sgd", None) else None
+        goal_target = cfg.get("goal_target", middle or GOAL_TARGET)
         if goal_target not in targets:
             raise SystemExit(f"error: --targets must include the goal's target {goal_target}")
     cfg.update(optimizers=optimizers, targets=sorted(targets),

@@ -310,6 +310,33 @@ def test_cifar10_config_names_its_data_model_presets_and_goal():
     assert tta.goal_of({}) == (0.88, tta.GOAL_RATIOS) == tta.goal_of(fmnist)
 
 
+def test_cifar100_config_takes_its_targets_from_sgds_curve():
+    cfg = _resolve(["--config", "cifar100", "--optimizers", "tengrad", "sgd"])
+    assert (cfg["dataset"], cfg["model"], cfg["width_multiplier"]) == (
+        "cifar100", "mobilenet_v2_dense", 0.125)
+    assert cfg["optimizers"] == ["sgd", "tengrad"]  # SGD first: its runs set the targets
+    assert cfg["targets"] == [] and cfg["targets_from_sgd"] == [0.5, 0.75, 0.9]
+    assert cfg["hparams"]["sgd"]["learning_rate"] == 0.1  # the `cifar` presets
+    with pytest.raises(SystemExit, match="keep sgd"):
+        _resolve(["--config", "cifar100", "--optimizers", "tengrad"])
+    explicit = _resolve(["--config", "cifar100", "--targets", "0.1", "0.2"])
+    assert explicit["targets"] == [0.1, 0.2] and "targets_from_sgd" not in explicit
+    assert explicit["goal_target"] == 0.2
+
+    # SGD's best accuracies 0.30 and 0.42 (median 0.36): targets 18 / 27 / 32 %, goal on 27 %,
+    # and every run's time to them from its own curve.
+    runs = [{"optimizer": "sgd", "best_accuracy": best,
+             "rows": _rows([(0, 0.0, 0.01), (78, 5.0, 0.2), (156, 10.0, best)])}
+            for best in (0.30, 0.42)]
+    runs.append({"optimizer": "tengrad", "best_accuracy": 0.4,
+                 "rows": _rows([(0, 0.0, 0.01), (78, 7.0, 0.28), (156, 14.0, 0.4)])})
+    tta.derive_targets(runs, cfg)
+    assert cfg["targets"] == [0.18, 0.27, 0.32] and cfg["goal_target"] == 0.27
+    assert [r["time_to_target"]["0.27"] and r["time_to_target"]["0.27"]["seconds"]
+            for r in runs] == [10.0, 10.0, 7.0]
+    assert runs[0]["time_to_target"]["0.32"] is None  # that SGD run peaked at 0.30
+
+
 def test_cifar10_goal_is_judged_on_its_own_target_and_ratios():
     report = _fake_report({"sgd": [20.0] * 3, "kfac": [12.0] * 3, "tengrad": [10.0] * 3})
     cfg = {**report["config"], "goal_target": 0.88, "goal_ratios": {"kfac": 0.9, "sgd": 1.0}}
