@@ -58,6 +58,23 @@ def block_direction(u_blocks, g_blocks, damping):
     return np.split(d, sizes)
 
 
+def plain_step(blocks, fisher_rows, rows, damping, lr):
+    """One plain damped natural-gradient step (no momentum, clip or decay) of every block (a tuple
+    of variables): the gradient is the mean of `rows`, the Fisher that of `fisher_rows` (both
+    {path: (m, size)} per-sample gradients). Returns whether the step differs by more than 1 %
+    from the one with the batch's own Fisher (of `rows`)."""
+    differs = False
+    for block in blocks:
+        g = [rows[v.path].mean(0) for v in block]
+        ds = block_direction([fisher_rows[v.path] for v in block], g, damping)
+        own = block_direction([rows[v.path] for v in block], g, damping)
+        differs |= bool(np.linalg.norm(np.concatenate(own) - np.concatenate(ds))
+                        > 1e-2 * np.linalg.norm(np.concatenate(ds)))
+        for v, d in zip(block, ds):
+            v.assign(v.numpy() - lr * d.reshape(v.shape))
+    return differs
+
+
 # The variables of each layer kind that form one exact block, by class name (kept independent of
 # tengrad_tf on purpose: the reference names the blocks itself).
 BLOCK_VARIABLES = {
