@@ -38,7 +38,7 @@ from tengrad_tf.kfac import INVERSE_METHODS  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 BATCH = 128
-STEP_MODELS = ["mlp", "3c1f", "3c1f_w32", "mobilenet_v2", "transformer"]
+STEP_MODELS = ["mlp", "3c1f", "3c1f_w32", "mobilenet_v2", "transformer", "text_cnn"]
 VOCABULARY, LENGTH = 20000, 64
 
 
@@ -161,6 +161,8 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
     transformer   tengrad_tf.models.transformer_classifier: a 20k-token Embedding and positions
                   (64 × 64), one MultiHeadAttention block (4 heads) with LayerNormalization and
                   a Dense FFN (128), pooling
+    text_cnn      tengrad_tf.models.text_cnn: the same Embedding (20k × 64), Conv1D(128, 5) over the
+                  64 tokens, max-pooling
     """
     if model_name == "mlp":
         model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),
@@ -179,14 +181,16 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
                                               classes=10, classifier_activation=None), (32, 32, 3)
     if model_name == "transformer":
         return models.transformer_classifier(VOCABULARY, LENGTH, num_classes=10), (LENGTH,)
+    if model_name == "text_cnn":
+        return models.text_cnn(VOCABULARY, LENGTH, num_classes=10), (LENGTH,)
     raise ValueError(f"unknown model {model_name!r}")
 
 
 def inputs(model_name: str, shape: tuple, rng: np.random.Generator,
            batch: int = BATCH) -> np.ndarray:
-    """A synthetic batch for the model: token ids for the Transformer, normal noise otherwise
+    """A synthetic batch for the model: token ids for the text models, normal noise otherwise
     (the data does not change a step's cost)."""
-    if model_name == "transformer":
+    if model_name in ("transformer", "text_cnn"):
         return rng.integers(0, VOCABULARY, size=(batch, *shape))
     return rng.normal(size=(batch, *shape)).astype("float32")
 

@@ -1,6 +1,6 @@
 """Seconds per training step of TENGraD, K-FAC and Adam against SGD(momentum=0.9), in one run.
 
-Models: mlp, 3c1f, mobilenet_v2 and transformer at batch 128, on synthetic inputs of the right
+Models: mlp, 3c1f (and 3c1f_w32), mobilenet_v2, transformer and text_cnn at batch 128, on synthetic inputs of the right
 shape (the data does not change a step's cost); benchmarks/common.py's `build` describes them.
 Optimizer names: benchmarks/common.py's `make_optimizer`.
 
@@ -10,7 +10,7 @@ the median of each and its ratio to SGD's median, and the mean (amortized: curva
 damping adaptations and K-FAC's inversions included) and its ratio to SGD's mean. Peak memory is
 measured per configuration in a fresh subprocess (peak RSS), since a process's peak only grows.
 
-    python benchmarks/step_time.py                      # all four models, all optimizers
+    python benchmarks/step_time.py                      # every model, all optimizers
     python benchmarks/step_time.py --models mlp --steps 30 --rounds 3
     python benchmarks/step_time.py --models mobilenet_v2 transformer
     python benchmarks/step_time.py --jit                # also model.compile(jit_compile=True)

@@ -2,9 +2,10 @@
 
 Pure functions of the layer's helper (its structure and dimensions) and P, the patch rows per sample
 (None when dynamic). The flop counts are those of docs/DESIGN.md:
-  * cache: the smaller of the factors (Â, G), P(D_in + D_out) per sample, and the explicit
-    per-sample gradient J, D_in·D_out; for lookup tables the token ids and G, P(D + 1), against
-    V·D; layers with explicit uᵢ (and grouped convolutions) cache J; small blocks their inverse.
+  * cache: the explicit per-sample gradient J (D_in·D_out per sample) or the factors (Â, G),
+    P(D_in + D_out), by what the steps between updates cost (`cache_kind`); for lookup tables the
+    token ids and G, P(D + 1), against V·D; layers with explicit uᵢ (and grouped convolutions)
+    cache J; small blocks their inverse.
   * route: F costs m²P²(D_in + D_out), E costs mPD_inD_out + m²D_inD_out, so F is cheaper below a
     threshold on the batch size m.
 """
@@ -29,9 +30,22 @@ def is_kronecker(helper) -> bool:
     return helper.structure is Structure.KRONECKER and helper.groups == 1
 
 
+# Every step between curvature updates projects on the cache twice (Uᵀv, U s). From factors that
+# is m·P·D_in·D_out multiply-adds each, from J a pass over its m·D_in·D_out elements. On this
+# project's 2-core CPU, one element read cost as much as 8 to 16 multiply-adds (m = 128; D_in·D_out
+# from 8k to 56k; docs/DESIGN.md, "Routes and cache"), so J is the cheaper cache from P = 12
+# positions on, even where it is the larger one.
+J_POSITIONS = 12
+# ...but J may then hold at most this many times the memory of the factors it replaces: a wide
+# Dense layer on short sequences keeps its factors.
+J_MEMORY_RATIO = 8
+
+
 def cache_kind(helper, p: int | None, inverse: bool) -> CacheKind:
     """What to keep between curvature updates. `inverse`: the block may keep its explicit inverse
-    (it is small, and nothing needs its per-sample gradients between updates)."""
+    (it is small, and nothing needs its per-sample gradients between updates). Kronecker layers
+    keep J when it is the smaller cache, or when it makes the steps between updates cheaper
+    (P ≥ J_POSITIONS) at no more than J_MEMORY_RATIO times the factors' memory."""
     if inverse:
         return CacheKind.INVERSE
     d = helper.size
@@ -40,9 +54,12 @@ def cache_kind(helper, p: int | None, inverse: bool) -> CacheKind:
                 else CacheKind.PER_SAMPLE)
     if not is_kronecker(helper):
         return CacheKind.PER_SAMPLE
-    if p is None or p * (helper.d_in + helper.d_out) <= d:
+    if p is None:
         return CacheKind.FACTORS
-    return CacheKind.PER_SAMPLE
+    factors = p * (helper.d_in + helper.d_out)
+    if d < factors or (p >= J_POSITIONS and d <= J_MEMORY_RATIO * factors):
+        return CacheKind.PER_SAMPLE
+    return CacheKind.FACTORS
 
 
 def factored_threshold(helper, p: int | None, cache: CacheKind) -> float:

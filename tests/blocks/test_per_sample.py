@@ -1,11 +1,10 @@
 """The per-sample algebra: routes F and E agree, chunking changes nothing, and U, Uᵀ are adjoint."""
 
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from tengrad_tf.blocks import CacheKind, FisherBlock, per_sample
+from tengrad_tf.blocks import per_sample
 
 
 def factors(m=5, p=7, d_in=4, d_out=3, seed=0):
@@ -64,25 +63,3 @@ def test_project_and_combine_are_u_transpose_and_u(p):
         np.testing.assert_allclose(utv[:, 0], u @ v.ravel(), rtol=1e-12)
         np.testing.assert_allclose(combine(tf.constant(s)).numpy().ravel(), u.T @ s[:, 0],
                                    rtol=1e-12)
-
-
-def test_cost_model_switches_where_the_arithmetic_says():
-    """Late, small-image layers (small P) take route F; early ones (large P) take route E."""
-    late = keras.layers.Conv2D(128, 3, padding="same")
-    late.build((None, 3, 3, 128))
-    early = keras.layers.Conv2D(128, 3, padding="same")
-    early.build((None, 28, 28, 128))
-    late_block, early_block = FisherBlock(late, 2**28), FisherBlock(early, 2**28)
-    m = 128
-    for block, p in ((late_block, 9), (early_block, 784)):
-        cache = block.cache_kind(p)
-        threshold = block.factored_threshold(p, cache)
-        d_in, d_out = block.d_in, block.d_out
-        cost_f = m * m * p * p * (d_in + d_out)
-        cost_e = (0 if cache is CacheKind.PER_SAMPLE else m * p * d_in * d_out) + m * m * d_in * d_out
-        assert (m < threshold) == (cost_f < cost_e), (p, threshold)
-    assert late_block.factored_threshold(9, late_block.cache_kind(9)) > m
-    assert early_block.factored_threshold(784, early_block.cache_kind(784)) < m
-    dense = keras.layers.Dense(10)
-    dense.build((None, 500))
-    assert FisherBlock(dense, 2**28).cache_kind(1) is CacheKind.FACTORS

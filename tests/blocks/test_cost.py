@@ -1,0 +1,65 @@
+"""The cost model: which Gram route and which cache each layer gets, and that both are exact."""
+
+import keras
+import numpy as np
+import pytest
+
+from tengrad_tf.blocks import CacheKind, FisherBlock, cost
+from tests.blocks.test_conv import conv_model, one_step_matches_reference
+
+
+def test_cost_model_switches_where_the_arithmetic_says():
+    """Late, small-image layers (small P) take route F; early ones (large P) take route E."""
+    late = keras.layers.Conv2D(128, 3, padding="same")
+    late.build((None, 3, 3, 128))
+    early = keras.layers.Conv2D(128, 3, padding="same")
+    early.build((None, 28, 28, 128))
+    late_block, early_block = FisherBlock(late, 2**28), FisherBlock(early, 2**28)
+    m = 128
+    for block, p in ((late_block, 9), (early_block, 784)):
+        cache = block.cache_kind(p)
+        threshold = block.factored_threshold(p, cache)
+        d_in, d_out = block.d_in, block.d_out
+        cost_f = m * m * p * p * (d_in + d_out)
+        cost_e = (0 if cache is CacheKind.PER_SAMPLE else m * p * d_in * d_out) + m * m * d_in * d_out
+        assert (m < threshold) == (cost_f < cost_e), (p, threshold)
+    assert late_block.factored_threshold(9, late_block.cache_kind(9)) > m
+    assert early_block.factored_threshold(784, early_block.cache_kind(784)) < m
+    dense = keras.layers.Dense(10)
+    dense.build((None, 500))
+    assert FisherBlock(dense, 2**28).cache_kind(1) is CacheKind.FACTORS
+
+
+def test_the_cache_is_what_makes_the_steps_between_updates_cheaper():
+    """J (D_in·D_out per sample) replaces the factors (P(D_in + D_out)) where it is smaller, and
+    from J_POSITIONS positions on, where projecting on it costs less than the factored
+    m·P·D_in·D_out, unless it would hold more than J_MEMORY_RATIO times the factors' memory."""
+    def kind(layer, shape, p):
+        layer.build(shape)
+        return FisherBlock(layer, 2**28).cache_kind(p)
+
+    # A text convolution, 5 × 64 → 128 over 36 positions: J is 2.5× the factors' memory, and
+    # a step between updates projects on 36× fewer numbers (the defaults study's text CNN).
+    assert kind(keras.layers.Conv1D(128, 5), (None, 40, 64), 36) is CacheKind.PER_SAMPLE
+    # The same layer over 8 positions: factors (the factored projection costs about as much).
+    assert kind(keras.layers.Conv1D(128, 5), (None, 12, 64), 8) is CacheKind.FACTORS
+    # A wide Dense layer on 16 tokens: J would be 32× the factors: factors.
+    assert kind(keras.layers.Dense(1024), (None, 16, 1024), 16) is CacheKind.FACTORS
+    # A Dense layer on 64 tokens, 64 → 128 (a Transformer's feed-forward): J.
+    assert kind(keras.layers.Dense(128), (None, 64, 64), 64) is CacheKind.PER_SAMPLE
+    # One row per sample: J is never cheaper to project on than (A, G).
+    assert kind(keras.layers.Dense(4096), (None, 4096), 1) is CacheKind.FACTORS
+    assert cost.J_POSITIONS == 12 and cost.J_MEMORY_RATIO == 8
+
+
+@pytest.mark.parametrize("length, cache", [(12, "factors"), (16, "per-sample gradients")])
+def test_both_caches_give_the_reference_step_through_fit(float64, length, cache):
+    """Conv1D(24, 5) on 10 channels (d = 51·24, beyond the explicit-inverse blocks) over P = 8
+    positions keeps its factors, over P = 12 its J (the larger cache there); through fit, the
+    step agrees with the dense float64 reference either way."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, length, 10))
+    y = rng.integers(0, 3, size=6)
+    conv = keras.layers.Conv1D(24, 5, activation="tanh")
+    opt = one_step_matches_reference(conv_model(conv, (length, 10)), x, y)
+    assert opt.treatments()[conv.kernel.path].endswith(f"caches {cache})")
