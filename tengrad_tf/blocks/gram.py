@@ -84,7 +84,8 @@ def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int) -> tf.Tenso
         return per_sample.gram_explicit(fields["j"])
     g = fields["g"]
     if "tokens" in fields:
-        return tokens.gram(tf.cast(fields["tokens"], tf.int32), g, pair_chunk(g, memory_budget))
+        return tokens.gram(tf.cast(fields["tokens"], tf.int32), g, pair_chunk(g, memory_budget),
+                           memory_budget)
     return per_sample.gram_factored(fields["a"], g,
                                     None if g.shape.rank == 2 else pair_chunk(g, memory_budget))
 
