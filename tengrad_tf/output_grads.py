@@ -111,7 +111,7 @@ def _sampled(record, pairs, losses, loss_scale, lso_scale, fresh, seed, iteratio
         # stand-in that no one reads (only curvature updates use G, and they run only where the
         # gate is open). A dead Merge would kill the step, so the stand-in is shaped from the
         # pre-activation, which is alive, not from g, which is dead. It has no samples: zeros of
-        # the pre-activation's shape were written on every step (0.5 ms of a text CNN's 8).
+        # the pre-activation's shape were written on every step.
         grads = [g if g is None else _gated(g, c.preactivation, gate) for c, g in zip(flat, grads)]
     by_call = {id(c): (tf.zeros_like(c.preactivation) if g is None else g)
                for c, g in zip(flat, grads)}
