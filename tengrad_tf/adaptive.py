@@ -43,6 +43,8 @@ if TYPE_CHECKING:  # only its instances are used here
 F64 = tf.float64
 # Bounds of the adapted damping: far outside any useful value, they only stop a runaway.
 MIN_DAMPING, MAX_DAMPING = 1e-8, 1e4
+# Checks of the damping that find nothing to change space out, to at most this many intervals.
+MAX_CHECK_SPACING = 8
 
 
 _PAIRS = [[0, 0], [0, 1], [1, 1], [0, 2], [1, 2]]  # of (d, p, g): dd, dp, pp, dg, pg
@@ -162,6 +164,7 @@ class DampingAdaptation:
     damping: tf.Variable  # λ, float64
     damping_retries: tf.Variable
     interval: int  # damping_adaptation_interval
+    checks: tf.Variable  # steps between checks now: `interval` times a power of 2 (int64)
     floor: float | None  # a fixed learning rate: λ never falls below λ₀ (else None)
     reduction_ratio: tf.Variable
     rejected_steps: tf.Variable
@@ -202,6 +205,17 @@ class DampingAdaptation:
                 tuple(self.replayer.inputs()), tf.constant(0.0, F64))
             self._adapt(h0, h1, go)
 
+    def _space_checks(self, quiet, go) -> None:
+        """A check that finds nothing to change (`quiet`: λ stays at its floor, and the step did
+        at least a quarter of what the model promised) doubles the steps to the next, up to
+        MAX_CHECK_SPACING × the interval; any other finding brings them back to the interval.
+        With a fixed learning rate such checks are most of them, and each replays the forward
+        pass and projects the step on every block (docs/step.md, "Damping")."""
+        current = tf.convert_to_tensor(self.checks)
+        longer = tf.minimum(2 * current, self.interval * MAX_CHECK_SPACING)
+        spaced = tf.where(quiet, longer, tf.constant(self.interval, tf.int64))
+        self.checks.assign(tf.where(go, spaced, current))
+
     def _adapt(self, h0, h1, go) -> tf.Tensor:
         """ρ = (h1 − h0) / M(s), λ from it, the cached factorizations made again for a new λ, and
         a step that raised the loss (ρ < 0) taken back: weights as before it, momentum cleared,
@@ -219,6 +233,7 @@ class DampingAdaptation:
             # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
             # model's damping, both ways.
             new = tf.maximum(new, tf.constant(self.floor, F64))
+            self._space_checks(tf.logical_and(tf.equal(new, self.floor), rho >= 0.25), go)
         old = tf.convert_to_tensor(lam)
         lam.assign(tf.where(go, new, old))
 

@@ -149,6 +149,13 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
             # init_scope, as the variable is made: build may run inside the first traced step.
             with tf.init_scope():
                 self.damping_variable.assign(tf.constant(self.damping, tf.float64))
+            # Steps between damping checks: damping_adaptation_interval, longer while the checks
+            # find nothing to change (adaptive.DampingAdaptation).
+            self.check_interval = self.add_variable(
+                (), initializer="zeros", dtype="int64", name="check_interval",
+                aggregation="only_first_replica")
+            with tf.init_scope():
+                self.check_interval.assign(self.damping_adaptation_interval)
             # The weights before a step that adapts λ, to take the step back if the loss rose.
             self._before_step = self.add_optimizer_variables(var_list, "before_step")
             self.rejected_steps = self.add_variable((), initializer="zeros", dtype="int64",

@@ -124,11 +124,14 @@ class StepLength:
             return None
         self._no_adaptation = None
         grads, variables, directions = step.grads, step.variables, step.directions
-        # Every `every` steps, and on every step after one that did less than a quarter of what
-        # the model promised (or was taken back): while λ is too small, no step goes unchecked.
+        # Every `check_interval` steps (damping_adaptation_interval, or a multiple of it while the
+        # checks find nothing to change), and on every step after one that did less than a
+        # quarter of what the model promised (or was taken back): while λ is too small, no step
+        # goes unchecked.
         every = self.damping_adaptation_interval
-        adapt = tf.logical_or(tf.equal(tf.math.floormod(tf.cast(step.counter, tf.int64), every), 0),
-                              self.reduction_ratio < 0.25)
+        adapt = tf.logical_or(
+            tf.equal(tf.math.floormod(tf.cast(step.counter, tf.int64), self.check_interval), 0),
+            self.reduction_ratio < 0.25)
         stepped = [(v, self._before_step[self._get_variable_index(v)],
                     self._momentums[self._get_variable_index(v)])
                    for v, g in zip(variables, grads) if g is not None]
@@ -165,6 +168,6 @@ class StepLength:
 
         return adaptive.DampingAdaptation.begin(
             replayer, adapt, predict, stepped, refactor, damping=self.damping_variable,
-            damping_retries=self.damping_retries, interval=every,
+            damping_retries=self.damping_retries, interval=every, checks=self.check_interval,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)

@@ -41,6 +41,10 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
     paths = [v.path for v in variables]
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
     lam, cached, out = damping, None, []
+    # Damping checks: every step here (damping_adaptation_interval=1) and after a step with
+    # ρ < 1/4; with a fixed learning rate a check that leaves λ at its floor, with ρ ≥ 1/4, doubles
+    # the steps to the next (up to 8).
+    checks, rho = 1, 1.0
     previous = {v.path: np.zeros(int(np.prod(v.shape))) for v in variables}
 
     def loss(xb, yb):
@@ -79,10 +83,14 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
             v.assign(v.numpy() - sv[lo:hi].reshape(v.shape))
         kept = sv if learning_rate == "auto" else sv / learning_rate  # the step, or the buffer
         previous = {p: kept[lo:hi] for p, lo, hi in zip(paths, offsets[:-1], offsets[1:])}
+        if t % checks and rho >= 0.25:  # no check this step
+            out.append(([v.numpy().copy() for v in variables], a, rho, lam))
+            continue
         rho = (loss(xb, yb) - before) / predicted
         lam = next_damping(lam, rho, every=1)
         if learning_rate != "auto":
             lam = max(lam, damping)
+            checks = min(2 * checks, 8) if lam == damping and rho >= 0.25 else 1
         if not rho >= 0:  # the loss rose: the step is taken back, momentum cleared
             for v, lo, hi in zip(variables, offsets[:-1], offsets[1:]):
                 v.assign(v.numpy() + sv[lo:hi].reshape(v.shape))
@@ -132,6 +140,32 @@ def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simul
     default) and its own batch's."""
     check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5,
                              lagged_curvature=lagged)
+
+
+def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64):
+    """A fixed learning rate small enough that every step does what the model promised: λ stays
+    at λ₀, and the checks space out (interval 2: steps 0, 4, 8, 16, 32, then every 16). A check
+    that finds a step that raised the loss (here: the learning rate raised to 100 in between)
+    brings them back to every 2 steps."""
+    model = mlp()
+    x, y = data(8 * 64)
+    opt = TENGraD(learning_rate=1e-3, damping=0.5, kl_clip=None, fisher="empirical",
+                  damping_adaptation_interval=2, curvature_update_freq=3)
+    model.compile(optimizer=opt, loss=sce())
+    checked = []
+    for t in range(40):
+        ratio = opt.reduction_ratio.numpy() if opt.built else None
+        model.train_on_batch(x[8 * t:8 * t + 8], y[8 * t:8 * t + 8])
+        if opt.reduction_ratio.numpy() != ratio:
+            checked.append(t)
+    assert checked == [0, 4, 8, 16, 32]
+    assert opt.damping_variable.numpy() == 0.5 and int(opt.check_interval.numpy()) == 16
+    opt.learning_rate.assign(100.0)
+    rejected = int(opt.rejected_steps.numpy())
+    for t in range(40, 49):
+        model.train_on_batch(x[8 * t:8 * t + 8], y[8 * t:8 * t + 8])
+    assert int(opt.rejected_steps.numpy()) > rejected
+    assert int(opt.check_interval.numpy()) == 2 and opt.damping_variable.numpy() > 0.5
 
 
 @pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
