@@ -517,8 +517,7 @@ def test_true_fisher_backward_pass_runs_only_on_curvature_update_steps(samples, 
 def test_gated_off_output_gradients_are_empty_stand_ins():
     """Between curvature updates the gated sampled gradient is replaced by a stand-in without
     samples, not by zeros of the pre-activation's shape (written on every step); the merged tensor
-    keeps the static shape, so that a static batch still
-    decides the Gram route while tracing."""
+    keeps the static shape, so that a static batch still decides the Gram route while tracing."""
     m = 64
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(300, activation="tanh"),
                               keras.layers.Dense(3)])
