@@ -161,8 +161,8 @@ def build(model_name: str) -> tuple[keras.Model, tuple]:
     transformer   tengrad_tf.models.transformer_classifier: a 20k-token Embedding and positions
                   (64 × 64), one MultiHeadAttention block (4 heads) with LayerNormalization and
                   a Dense FFN (128), pooling
-    text_cnn      tengrad_tf.models.text_cnn: the same Embedding (20k × 64), Conv1D(128, 5) over the
-                  64 tokens, max-pooling
+    text_cnn      tengrad_tf.models.text_cnn: the same Embedding (20k × 64), Conv1D(128, 5)
+                  over the 64 tokens, max-pooling
     """
     if model_name == "mlp":
         model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(512, activation="relu"),

@@ -1,7 +1,8 @@
 """Seconds per training step of TENGraD, K-FAC and Adam against SGD(momentum=0.9), in one run.
 
-Models: mlp, 3c1f (and 3c1f_w32), mobilenet_v2, transformer and text_cnn at batch 128, on synthetic inputs of the right
-shape (the data does not change a step's cost); benchmarks/common.py's `build` describes them.
+Models: mlp, 3c1f (and 3c1f_w32), mobilenet_v2, transformer and text_cnn at batch 128, on
+synthetic inputs of the right shape (the data does not change a step's cost);
+benchmarks/common.py's `build` describes them.
 Optimizer names: benchmarks/common.py's `make_optimizer`.
 
 Each configuration runs `model.fit` on a repeated in-memory batch; a callback times every step.
