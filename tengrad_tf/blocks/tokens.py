@@ -50,7 +50,7 @@ def gram(tokens: Tensor, g: Tensor, chunk: int | Tensor | None = None,
     fits = pairs * (2 * g.shape[-1] + 4) * g.dtype.size <= memory_budget
     worth_it = pairs * ALL_PAIRS_PER_MATCH <= n * n
     return tf.cond(tf.logical_and(fits, worth_it),
-                   lambda: _gram_matching_pairs(matches, g, tf.shape(tokens)[0]),
+                   lambda: _gram_matching_pairs(matches, pairs, g, tf.shape(tokens)[0]),
                    lambda: _gram_all_pairs(tokens, g, chunk))
 
 
@@ -71,14 +71,15 @@ def _matches(tokens: Tensor) -> _Matches:
     return _Matches(order, run, tf.cumsum(counts, exclusive=True), counts)
 
 
-def _gram_matching_pairs(matches: _Matches, g: Tensor, m: Tensor) -> Tensor:
-    """K from the pairs (a, b) of positions with the same token: Kᵢⱼ += g_a·g_b for a in sample i
-    and b in sample j. Each sorted position a pairs with every position of its token's run."""
+def _gram_matching_pairs(matches: _Matches, pairs: Tensor, g: Tensor, m: Tensor) -> Tensor:
+    """K from the `pairs` (Σᵥ nᵥ², int64) pairs (a, b) of positions with the same token:
+    Kᵢⱼ += g_a·g_b for a in sample i and b in sample j. Each sorted position a pairs with every
+    position of its token's run."""
     flat_g = tf.reshape(g, [-1, g.shape[-1]])
     p = tf.shape(g)[1]
     length = tf.gather(matches.counts, matches.run)  # of each sorted position's run
     first = tf.repeat(tf.range(tf.size(length, out_type=tf.int64)), length)  # a, sorted
-    within = tf.range(tf.reduce_sum(length)) - tf.gather(tf.cumsum(length, exclusive=True), first)
+    within = tf.range(pairs) - tf.gather(tf.cumsum(length, exclusive=True), first)
     second = tf.gather(tf.gather(matches.starts, matches.run), first) + within  # b, sorted
     a, b = tf.gather(matches.order, first), tf.gather(matches.order, second)
     products = tf.reduce_sum(tf.gather(flat_g, a) * tf.gather(flat_g, b), axis=1)

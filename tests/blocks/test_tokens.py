@@ -51,10 +51,10 @@ def test_gram_from_matching_pairs_is_u_transpose_u(vocabulary):
     g = tf.concat([g[:5], tf.zeros_like(g[5:])], axis=0)
     u = explicit(ids, g, vocabulary)
     matches = tokens._matches(ids)
-    assert int(tf.reduce_sum(tf.square(matches.counts))) == sum(
-        int(n) ** 2 for n in np.unique(ids.numpy(), return_counts=True)[1])
-    np.testing.assert_allclose(tokens._gram_matching_pairs(matches, g, 6).numpy(), u @ u.T,
-                               rtol=1e-12, atol=1e-12)
+    pairs = tf.reduce_sum(tf.square(matches.counts))
+    assert int(pairs) == sum(int(n) ** 2 for n in np.unique(ids.numpy(), return_counts=True)[1])
+    np.testing.assert_allclose(tokens._gram_matching_pairs(matches, pairs, g, 6).numpy(),
+                               u @ u.T, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("memory_budget, vocabulary, matching", [
