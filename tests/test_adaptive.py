@@ -302,14 +302,16 @@ def test_network_fisher_reuses_its_factorization_and_resumes(float64, tmp_path):
     assert resumed.optimizer._network is not None
 
 
-@pytest.mark.parametrize("lagged", [False, True])
+@pytest.mark.parametrize("lagged,adaptive_damping", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
 def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
-        float64, fisher_blocks, lagged):
+        float64, fisher_blocks, lagged, adaptive_damping):
     """curvature_batches=2 with curvature updates every 2 steps: each update's Fisher is that of
     the per-sample gradients of its batch and of the previous update's batch (taken at the weights
     of their own steps), newest first; the last, smaller batch keeps as many of the previous
     samples as it has itself. With lagged curvature an update step takes the window before it.
+    Under adaptive damping the per-layer blocks keep their Gram and compute only the new batch's
+    rows of it (gram.gram_of_window); λ stays at its floor here (every check finds ρ ≥ ¼).
     Simulated in numpy with explicit per-sample gradients; k = 1 would miss it by far."""
     m, lr, damping, k, freq = 8, 0.1, 0.05, 2, 2
     x, y = data(44, seed=5)  # batches of 8, 8, 8, 8, 8 and 4
@@ -318,9 +320,13 @@ def test_curvature_batches_is_the_exact_fisher_of_the_last_k_curvature_batches(
     init = model.get_weights()
     opt = plain(learning_rate=lr, damping=damping, curvature_update_freq=freq,
                 curvature_batches=k, fisher="empirical", fisher_blocks=fisher_blocks,
-                lagged_curvature=lagged)
+                lagged_curvature=lagged, adaptive_damping=adaptive_damping)
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    if adaptive_damping:
+        assert opt.damping_variable.numpy() == damping
+        for block in opt._blocks.values():
+            assert ("gram" in block.state_variables) == (fisher_blocks == "layer")
 
     twin = mlp()
     twin.set_weights(init)

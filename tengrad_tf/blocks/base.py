@@ -178,9 +178,13 @@ class FisherBlock(CurvatureBlock):
                 return ({**state, "j": j} if self.adaptive_damping else state), retries
         with tf.name_scope("tengrad_gram"):
             if self.curvature_batches > 1:
-                state = self._window(gram.cache_fields(h, cache, inputs, output_grads,
-                                                       self.memory_budget))
-                k = gram.gram_of_fields(state, self.memory_budget)
+                fresh = gram.cache_fields(h, cache, inputs, output_grads, self.memory_budget)
+                state = self._window(fresh)
+                if "gram" in self._cache:  # kept for the adaptive damping: only new rows
+                    k = gram.gram_of_window(fresh, state, self._cache.variables["gram"],
+                                            self.memory_budget)
+                else:
+                    k = gram.gram_of_fields(state, self.memory_budget)
                 state["samples"] = tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE)
             else:
                 state, k = gram.cache_and_gram(h, cache, inputs, output_grads,

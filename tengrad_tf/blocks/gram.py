@@ -90,6 +90,28 @@ def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int) -> tf.Tenso
                                     None if g.shape.rank == 2 else pair_chunk(g, memory_budget))
 
 
+def gram_of_window(fresh: dict[str, tf.Tensor], window: dict[str, tf.Tensor], held: tf.Tensor,
+                   memory_budget: int) -> tf.Tensor:
+    """K over a window of curvature_batches batches (cache fields: this batch's `fresh` samples
+    first, then the held ones), given `held`, the Gram the cache keeps from the last update: its
+    leading block is the held samples' own. Only the fresh rows are new, m·n products of the n²:
+    k times fewer for a window of k batches. A lookup table sums its matching pairs over the
+    whole window (they are few; tokens.py has no cross-batch route). Returned in `held`'s dtype."""
+    if "tokens" in fresh:
+        return tf.cast(gram_of_fields(window, memory_budget), held.dtype)
+    if "j" in fresh:
+        rows = per_sample.gram_explicit(window["j"], rows_of=fresh["j"])
+    else:
+        g = window["g"]
+        rows = per_sample.gram_factored(
+            window["a"], g, None if g.shape.rank == 2 else pair_chunk(g, memory_budget),
+            rows_of=(fresh["a"], fresh["g"]))
+    rows = tf.cast(rows, held.dtype)  # (m, n)
+    m, n = tf.shape(rows)[0], tf.shape(rows)[1]
+    older = tf.concat([tf.transpose(rows[:, m:]), held[:n - m, :n - m]], axis=1)
+    return tf.concat([rows, older], axis=0)
+
+
 def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: float,
                    memory_budget: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
     """What to cache ({"a", "g"}, {"j"} or {"tokens", "g"}) and the Gram K = UᵀU, by route F

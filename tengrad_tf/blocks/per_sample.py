@@ -57,18 +57,24 @@ def map_sample_chunks(
     return out[:m]
 
 
-def gram_factored(a: Tensor, g: Tensor, chunk: int | None = None) -> Tensor:
-    """Route F. a: (m, P, D_in), g: (m, P, D_out) → K (m, m), never forming a per-sample gradient."""
-    a, g = _dense_rows(a), _dense_rows(g)
-    if a.shape.rank == 2:  # Dense: K = (A Aᵀ) ⊙ (G Gᵀ), the m²(D_in + D_out) special case
-        return tf.matmul(a, a, transpose_b=True) * tf.matmul(g, g, transpose_b=True)
+def gram_factored(a: Tensor, g: Tensor, chunk: int | None = None,
+                  rows_of: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Route F. a: (m, P, D_in), g: (m, P, D_out) → K (m, m), never forming a per-sample gradient.
 
-    def rows(a_rows, g_rows):
-        aa = tf.einsum("ipa,jqa->ijpq", a_rows, a)
-        gg = tf.einsum("ipb,jqb->ijpq", g_rows, g)
+    rows_of: the factors (a', g') of m' other samples → only their rows, (m', m): u'ᵢ·uⱼ. A Gram
+    that grows by a batch at a time needs only the new rows (gram.gram_of_window).
+    """
+    a, g = _dense_rows(a), _dense_rows(g)
+    a_rows, g_rows = (a, g) if rows_of is None else map(_dense_rows, rows_of)
+    if a.shape.rank == 2:  # Dense: K = (A Aᵀ) ⊙ (G Gᵀ), the m²(D_in + D_out) special case
+        return tf.matmul(a_rows, a, transpose_b=True) * tf.matmul(g_rows, g, transpose_b=True)
+
+    def rows(a_chunk, g_chunk):
+        aa = tf.einsum("ipa,jqa->ijpq", a_chunk, a)
+        gg = tf.einsum("ipb,jqb->ijpq", g_chunk, g)
         return tf.reduce_sum(aa * gg, axis=[2, 3])
 
-    return map_sample_chunks(rows, [a, g], chunk)
+    return map_sample_chunks(rows, [a_rows, g_rows], chunk)
 
 
 def per_sample(
@@ -86,10 +92,11 @@ def per_sample(
         dtype=g.dtype)
 
 
-def gram_explicit(j: Tensor) -> Tensor:
-    """K = J Jᵀ with J flattened per sample."""
+def gram_explicit(j: Tensor, rows_of: Tensor | None = None) -> Tensor:
+    """K = J Jᵀ with J flattened per sample; rows_of: the J' of other samples → J' Jᵀ (m', m)."""
     flat = tf.reshape(j, [tf.shape(j)[0], -1])
-    return tf.matmul(flat, flat, transpose_b=True)
+    rows = flat if rows_of is None else tf.reshape(rows_of, [tf.shape(rows_of)[0], -1])
+    return tf.matmul(rows, flat, transpose_b=True)
 
 
 def _dense_rows(x: Tensor) -> Tensor:
