@@ -52,6 +52,8 @@ VARIANTS = {
     "TENGraD(fisher_blocks='network')": dict(fisher_blocks="network"),
     "TENGraD(first_order='sgd')": dict(first_order="sgd"),
     "TENGraD(curvature_batches=4)": dict(curvature_batches=4),
+    "TENGraD(curvature_batches=4, curvature_update_freq=20)":
+        dict(curvature_batches=4, curvature_update_freq=20),
 }
 
 
