@@ -14,8 +14,10 @@ inverse method, eigh by default), and
 
 from __future__ import annotations
 
+import ast
 import datetime
 import gc
+import inspect
 import json
 import os
 import platform
@@ -43,6 +45,29 @@ VOCABULARY, LENGTH = 20000, 64
 
 
 # ------------------------------------------------------------------------------ the header
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["kl_clip=1e-3", "fisher=empirical"] -> {"kl_clip": 0.001, "fisher": "empirical"}: values
+    are Python literals, or strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --set takes KEY=VALUE, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
+
+
+def accepted_hparams(name: str) -> set[str]:
+    """What tengrad_tf.presets.make_optimizer passes on to optimizer `name` (a presets name)."""
+    if name in ("sgd", "adam"):
+        return {"weight_decay"} | ({"momentum"} if name == "sgd" else set())
+    cls = TENGraD if name == "tengrad" else KFAC
+    return set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate"}
 
 
 def git_commit() -> str:

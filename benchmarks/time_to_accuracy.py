@@ -63,7 +63,9 @@ Configurations (`--config`):
          images, one seed. Its numbers mean nothing.
 
 Explicit flags (--seeds, --epochs, --max-seconds, --eval-every, --width, --hidden, ...) override
-the configuration; the JSON records what was used.
+the configuration; the JSON records what was used. `--set OPT.KEY=VALUE` gives one optimizer a
+hyperparameter beside its preset (e.g. `--set tengrad.curvature_batches=4`); the table's
+hyperparameter line names it.
 
     python benchmarks/time_to_accuracy.py                       # cpu configuration, 3 seeds
     python benchmarks/time_to_accuracy.py --config paper --seeds 1
@@ -101,7 +103,8 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import RESULTS, report_header, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, accepted_hparams, parse_overrides, report_header, write_json)
 from examples.train import TrainingLog, first_reaching  # noqa: E402
 from tengrad_tf import data, models, presets  # noqa: E402
 
@@ -235,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--hidden", type=int, help="3C1F dense units")
     o.add_argument("--width-multiplier", type=float, help="the CIFAR network's width multiplier")
     o.add_argument("--test-split", help="TFDS split for the evaluations, e.g. 'test[:5000]'")
+    o.add_argument("--set", nargs="+", default=[], metavar="OPT.KEY=VALUE", dest="overrides",
+                   help="one optimizer's hyperparameter beside its preset, e.g. "
+                        "tengrad.curvature_batches=4 (recorded in the JSON and the table)")
     io = p.add_argument_group("input/output")
     io.add_argument("--data-dir", help="TFDS data dir (default: $TENGRAD_DATA_DIR or "
                                        "~/tensorflow_datasets)")
@@ -292,8 +298,28 @@ def resolve_config(args: argparse.Namespace) -> dict[str, Any]:
     cfg["hparams"] = paper_hparams(cfg["optimizers"], cfg["dataset"])
     if cfg["presets"] == "tuned":
         cfg["hparams"], cfg["tuned_from"] = tuned_hparams(cfg, Path(args.tuned_json))
+    cfg["overrides"] = optimizer_overrides(args.overrides, cfg["optimizers"])
+    for name, values in cfg["overrides"].items():
+        cfg["hparams"][name].update(values)
     cfg["clocks"] = dict(CLOCKS)
     return cfg
+
+
+def optimizer_overrides(items: list[str], optimizers: list[str]) -> dict[str, dict[str, Any]]:
+    """["tengrad.curvature_batches=4"] -> {"tengrad": {"curvature_batches": 4}}, each checked
+    against the optimizers of the run and the hyperparameters the optimizer takes."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, dot, setting = item.partition(".")
+        if not dot or name not in optimizers:
+            raise SystemExit(f"error: --set takes OPT.KEY=VALUE with OPT one of this run's "
+                             f"optimizers ({', '.join(optimizers)}), got {item!r}")
+        value = parse_overrides([setting])
+        unknown = sorted(set(value) - accepted_hparams(name))
+        if unknown:
+            raise SystemExit(f"error: --set {item}: not a hyperparameter of {name}")
+        out.setdefault(name, {}).update(value)
+    return out
 
 
 def paper_hparams(optimizers: list[str], dataset: str = "fashion_mnist"
@@ -638,14 +664,19 @@ def presets_line(cfg: dict) -> str | None:
         return None
     lrs = ", ".join(f"{LABELS.get(n, n)} {cfg['hparams'][n]['learning_rate']:.3g}"
                     for n in cfg["optimizers"] if n in cfg["hparams"])
+    overridden = "".join(
+        f" {LABELS.get(n, n)} also with " + ", ".join(f"{k}={v!r}" for k, v in values.items())
+        + "." for n, values in cfg.get("overrides", {}).items())
     if cfg.get("presets", "paper") == "paper":
-        return f"Hyperparameters: the paper's presets (tengrad_tf.presets); learning rates {lrs}."
+        return (f"Hyperparameters: the paper's presets (tengrad_tf.presets); learning rates "
+                f"{lrs}." + overridden)
     src = cfg["tuned_from"]
     paper = ", ".join(f"{LABELS.get(n, n)} {lr:.3g}"
                       for n, lr in src["paper_learning_rates"].items())
     return (f"Hyperparameters: the paper's presets with each optimizer's learning rate tuned on "
             f"held-out training data by benchmarks/tune_presets.py ({src['path']}, commit "
-            f"{src['commit']}, same grid for every optimizer): {lrs} (paper: {paper}).")
+            f"{src['commit']}, same grid for every optimizer): {lrs} (paper: {paper})."
+            + overridden)
 
 
 def _curve(rows: list[dict], grid: np.ndarray, x_key: str) -> np.ndarray:

@@ -34,8 +34,6 @@ reads it.
 from __future__ import annotations
 
 import argparse
-import ast
-import inspect
 import math
 import statistics
 import sys
@@ -46,8 +44,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import time_to_accuracy as tta  # noqa: E402
-from benchmarks.common import report_header, write_json  # noqa: E402
-import tengrad_tf  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    accepted_hparams, parse_overrides, report_header, write_json)
 from tengrad_tf import data  # noqa: E402
 
 NAME = "tune_presets"
@@ -79,28 +77,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--out", default=str(tta.RESULTS))
     return p
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """["kl_clip=1e-3", "fisher=empirical"] -> {"kl_clip": 0.001, "fisher": "empirical"}."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"error: --set takes KEY=VALUE, got {item!r}")
-        try:
-            out[key] = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            out[key] = text
-    return out
-
-
-def accepted_hparams(name: str) -> set[str]:
-    """What tengrad_tf.presets.make_optimizer passes on for this optimizer."""
-    if name in ("sgd", "adam"):
-        return {"weight_decay"} | ({"momentum"} if name == "sgd" else set())
-    cls = tengrad_tf.TENGraD if name == "tengrad" else tengrad_tf.KFAC
-    return set(inspect.signature(cls.__init__).parameters) - {"self", "learning_rate"}
 
 
 def choose(runs: list[dict], target: float) -> dict[str, Any]:

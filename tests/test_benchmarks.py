@@ -289,6 +289,25 @@ def test_cpu_config_takes_tuned_learning_rates_and_nothing_else(tmp_path):
     assert _resolve(["--quick"])["presets"] == "paper"
 
 
+def test_time_to_accuracy_sets_one_optimizers_hyperparameters_beside_its_preset(tmp_path):
+    path = _tuned_json(tmp_path)
+    plain = _resolve(["--tuned-json", str(path)])
+    cfg = _resolve(["--tuned-json", str(path), "--set", "tengrad.curvature_batches=4",
+                    "tengrad.curvature_update_freq=20"])
+    assert cfg["overrides"] == {"tengrad": {"curvature_batches": 4, "curvature_update_freq": 20}}
+    assert cfg["hparams"]["tengrad"] == {**plain["hparams"]["tengrad"], "curvature_batches": 4,
+                                         "curvature_update_freq": 20}
+    assert cfg["hparams"]["kfac"] == plain["hparams"]["kfac"]
+    assert "TENGraD also with curvature_batches=4, curvature_update_freq=20." in tta.presets_line(
+        cfg)
+    assert "also with" not in tta.presets_line(plain)
+    for bad, message in (("curvature_batches=4", "OPT.KEY=VALUE"),
+                         ("lbfgs.x=1", "OPT.KEY=VALUE"),
+                         ("kfac.curvature_batches=4", "not a hyperparameter of kfac")):
+        with pytest.raises(SystemExit, match=message):
+            _resolve(["--tuned-json", str(path), "--set", bad])
+
+
 def test_cifar10_config_names_its_data_model_presets_and_goal():
     cfg = _resolve(["--config", "cifar10"])
     assert (cfg["dataset"], cfg["model"], cfg["width_multiplier"]) == ("cifar10", "vgg16_bn", 0.25)
@@ -403,14 +422,14 @@ def test_tune_presets_chooses_fewest_steps_then_final_accuracy():
 
 
 def test_tune_presets_overrides_are_parsed_and_checked():
-    from benchmarks import tune_presets
+    from benchmarks import common, tune_presets
 
-    assert tune_presets.parse_overrides(["kl_clip=1e-3", "fisher=empirical", "x=None"]) == {
+    assert common.parse_overrides(["kl_clip=1e-3", "fisher=empirical", "x=None"]) == {
         "kl_clip": 1e-3, "fisher": "empirical", "x": None}
     with pytest.raises(SystemExit, match="KEY=VALUE"):
-        tune_presets.parse_overrides(["kl_clip"])
-    assert "curvature_update_freq" in tune_presets.accepted_hparams("tengrad")
-    assert "curvature_update_freq" not in tune_presets.accepted_hparams("kfac")
+        common.parse_overrides(["kl_clip"])
+    assert "curvature_update_freq" in common.accepted_hparams("tengrad")
+    assert "curvature_update_freq" not in common.accepted_hparams("kfac")
     with pytest.raises(SystemExit, match="not a hyperparameter of sgd"):
         tune_presets.main(["--optimizers", "sgd", "--set", "damping=0.1"])
 
