@@ -206,11 +206,12 @@ class DampingAdaptation:
             self._adapt(h0, h1, go)
 
     def _space_checks(self, quiet, go) -> None:
-        """A check that finds nothing to change (`quiet`: λ stays at its floor, and the step did
-        at least a quarter of what the model promised) doubles the steps to the next, up to
-        MAX_CHECK_SPACING × the interval; any other finding brings them back to the interval.
-        With a fixed learning rate such checks are most of them, and each replays the forward
-        pass and projects the step on every block (docs/step.md, "Damping")."""
+        """A check that finds nothing to change (`quiet`: λ stays as it was, at its floor or
+        above it, and the step did at least a quarter of what the model promised) doubles the
+        steps to the next, up to MAX_CHECK_SPACING × the interval; any other finding (λ raised or
+        lowered, a step taken back) brings them back to the interval. With a fixed learning rate
+        such checks are most of them, and each replays the forward pass and projects the step on
+        every block (docs/step.md, "Damping")."""
         current = tf.convert_to_tensor(self.checks)
         longer = tf.minimum(2 * current, self.interval * MAX_CHECK_SPACING)
         spaced = tf.where(quiet, longer, tf.constant(self.interval, tf.int64))
@@ -224,6 +225,7 @@ class DampingAdaptation:
                                    -tf.ones_like(self.predicted), self.predicted)
         lam = self.damping
         new = next_damping(lam, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
+        old = tf.convert_to_tensor(lam)
         if self.floor is not None:
             # With a fixed learning rate λ never goes below the initial one: a small step is
             # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
@@ -233,8 +235,7 @@ class DampingAdaptation:
             # 12.9 in 80 steps on 3C1F, docs/step.md). With learning_rate="auto" it is the
             # model's damping, both ways.
             new = tf.maximum(new, tf.constant(self.floor, F64))
-            self._space_checks(tf.logical_and(tf.equal(new, self.floor), rho >= 0.25), go)
-        old = tf.convert_to_tensor(lam)
+            self._space_checks(tf.logical_and(tf.equal(new, old), rho >= 0.25), go)
         lam.assign(tf.where(go, new, old))
 
         def refactor():

@@ -42,8 +42,8 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
     lam, cached, out = damping, None, []
     # Damping checks: every step here (damping_adaptation_interval=1) and after a step with
-    # ρ < 1/4; with a fixed learning rate a check that leaves λ at its floor, with ρ ≥ 1/4, doubles
-    # the steps to the next (up to 8).
+    # ρ < 1/4; with a fixed learning rate a check that leaves λ as it was (at its floor or above),
+    # with ρ ≥ 1/4, doubles the steps to the next (up to 8).
     checks, rho = 1, 1.0
     previous = {v.path: np.zeros(int(np.prod(v.shape))) for v in variables}
 
@@ -87,10 +87,11 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
             out.append(([v.numpy().copy() for v in variables], a, rho, lam))
             continue
         rho = (loss(xb, yb) - before) / predicted
+        previous_lam = lam
         lam = next_damping(lam, rho, every=1)
         if learning_rate != "auto":
             lam = max(lam, damping)
-            checks = min(2 * checks, 8) if lam == damping and rho >= 0.25 else 1
+            checks = min(2 * checks, 8) if lam == previous_lam and rho >= 0.25 else 1
         if not rho >= 0:  # the loss rose: the step is taken back, momentum cleared
             for v, lo, hi in zip(variables, offsets[:-1], offsets[1:]):
                 v.assign(v.numpy() + sv[lo:hi].reshape(v.shape))
@@ -166,6 +167,38 @@ def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64)
         model.train_on_batch(x[8 * t:8 * t + 8], y[8 * t:8 * t + 8])
     assert int(opt.rejected_steps.numpy()) > rejected
     assert int(opt.check_interval.numpy()) == 2 and opt.damping_variable.numpy() > 0.5
+
+
+def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_it():
+    """The rule itself (adaptive.DampingAdaptation._adapt), on chosen ρ = (h1 − h0) / M(s) with
+    M(s) = −1 and λ₀ = 0.1 (interval 5): a check that leaves λ where it was and finds ρ ≥ ¼ doubles
+    the spacing, at λ₀ (ρ = 0.9: λ would fall, but not below λ₀) and above it (ρ = 0.5 at λ = 1:
+    nothing to change); one that moves λ (ρ = 0.9 at λ = 1, ρ = 0.1) or takes the step back
+    (ρ < 0) brings the spacing back to the interval."""
+    def variable(value, dtype):
+        return tf.Variable(value, dtype=dtype)
+
+    def check(lam, rho, spacing=10):
+        adaptation = adaptive.DampingAdaptation(
+            replayer=None, adapt=tf.constant(True), h0=tf.constant(0.0, tf.float64),
+            predicted=tf.constant(-1.0, tf.float64), stepped=[],
+            refactor=lambda new: tf.constant(0), damping=variable(lam, tf.float64),
+            damping_retries=variable(0, tf.int64), interval=5,
+            checks=variable(spacing, tf.int64), floor=0.1,
+            reduction_ratio=variable(0.0, tf.float64), rejected_steps=variable(0, tf.int64))
+        adaptation._adapt(tf.constant(0.0, tf.float64), tf.constant(-rho, tf.float64),
+                          tf.constant(True))
+        return float(adaptation.damping.numpy()), int(adaptation.checks.numpy())
+
+    assert check(0.1, 0.9) == (0.1, 20)
+    assert check(0.1, 0.5, spacing=40) == (0.1, 40)  # at most MAX_CHECK_SPACING intervals
+    assert check(1.0, 0.5) == (1.0, 20)
+    lam, spacing = check(1.0, 0.9)
+    assert lam < 1.0 and spacing == 5
+    lam, spacing = check(1.0, 0.1)
+    assert lam > 1.0 and spacing == 5
+    lam, spacing = check(0.1, -0.5)
+    assert lam > 0.1 and spacing == 5
 
 
 @pytest.mark.parametrize("fisher_blocks", ["layer", "network"])
