@@ -199,7 +199,7 @@ class BatchNormalizationHelper(NormalizationHelper):
         mean = ops.reshape(mean, shape)
         # y as Keras computes it, x·(γ/σ) + (β − μγ/σ): two passes over x, and a backward pass
         # through per-channel factors. x̂ = (x − μ)/σ, which the block needs, is computed beside
-        # it, off the gradients' path: writing y = x̂·γ + β instead cost MobileNetV2 9 % more
+        # it, off the gradients' path: writing y = x̂·γ + β instead cost MobileNetV2 10 % more
         # per step (docs/performance.md).
         scale = inverse_std
         if layer.gamma is not None:
