@@ -14,7 +14,8 @@ def fields(kind, m, rng):
     if kind == "j":
         return {"j": tf.constant(rng.normal(size=(m, 3, 2)))}
     if kind == "dense":
-        return {"a": tf.constant(rng.normal(size=(m, 5))), "g": tf.constant(rng.normal(size=(m, 3)))}
+        return {"a": tf.constant(rng.normal(size=(m, 5))),
+                "g": tf.constant(rng.normal(size=(m, 3)))}
     if kind == "conv":
         return {"a": tf.constant(rng.normal(size=(m, 4, 5))),
                 "g": tf.constant(rng.normal(size=(m, 4, 3)))}
