@@ -42,7 +42,7 @@ FISHERS = ("true", "empirical")
 
 
 def cifar_npz_dir() -> str | None:
-    for d in (os.environ.get("TENGRAD_CIFAR_NPZ_DIR"), str(ROOT.parent / "shared" / "data")):
+    for d in (os.environ.get(data.ENV_CIFAR_NPZ_DIR), str(ROOT.parent / "shared" / "data")):
         if d and (Path(d) / "cifar10.npz").exists():
             return d
     return None
@@ -121,7 +121,7 @@ def main(argv=None):
     skipped = None
     if "mobilenet_v2" in names and cifar_npz_dir() is None:
         names.remove("mobilenet_v2")
-        skipped = "mobilenet_v2 (no cifar10.npz: set TENGRAD_CIFAR_NPZ_DIR)"
+        skipped = f"mobilenet_v2 (no cifar10.npz: set {data.ENV_CIFAR_NPZ_DIR})"
     results = []
     for name in names:
         for fisher in FISHERS:

@@ -223,9 +223,8 @@ class DampingAdaptation:
         counted in `rejected_steps`. Changes nothing where `go` is False."""
         rho = (h1 - h0) / tf.where(tf.equal(self.predicted, 0.0),
                                    -tf.ones_like(self.predicted), self.predicted)
-        lam = self.damping
-        new = next_damping(lam, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
-        old = tf.convert_to_tensor(lam)
+        old = tf.convert_to_tensor(self.damping)
+        new = next_damping(old, rho, self.interval, MIN_DAMPING, MAX_DAMPING)
         if self.floor is not None:
             # With a fixed learning rate λ never goes below the initial one: a small step is
             # always predicted well (ρ ≈ 1), which would drive λ towards 0 and the direction
@@ -236,7 +235,7 @@ class DampingAdaptation:
             # model's damping, both ways.
             new = tf.maximum(new, tf.constant(self.floor, F64))
             self._space_checks(tf.logical_and(tf.equal(new, old), rho >= 0.25), go)
-        lam.assign(tf.where(go, new, old))
+        self.damping.assign(tf.where(go, new, old))
 
         def refactor():
             # The cached factorizations follow λ here, where it changes, so that the steps in

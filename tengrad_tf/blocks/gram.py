@@ -78,16 +78,22 @@ def cache_fields(helper, cache: CacheKind, inputs, output_grads, memory_budget: 
     return {"a": a, "g": g}
 
 
-def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int) -> tf.Tensor:
-    """K = UᵀU over the samples of cache fields (route F for factors: J is never formed)."""
+def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int,
+                   rows_of: dict[str, tf.Tensor] | None = None) -> tf.Tensor:
+    """K = UᵀU over the samples of cache fields (route F for factors: J is never formed).
+    rows_of: the cache fields of m' other samples (J or factors, not a lookup table's) → only
+    their rows, (m', m)."""
     if "j" in fields:
-        return per_sample.gram_explicit(fields["j"])
+        return per_sample.gram_explicit(fields["j"], None if rows_of is None else rows_of["j"])
     g = fields["g"]
     if "tokens" in fields:
+        if rows_of is not None:
+            raise ValueError("a lookup table's Gram has no route for other samples' rows")
         return tokens.gram(tf.cast(fields["tokens"], tf.int32), g, pair_chunk(g, memory_budget),
                            memory_budget)
-    return per_sample.gram_factored(fields["a"], g,
-                                    None if g.shape.rank == 2 else pair_chunk(g, memory_budget))
+    return per_sample.gram_factored(
+        fields["a"], g, None if g.shape.rank == 2 else pair_chunk(g, memory_budget),
+        None if rows_of is None else (rows_of["a"], rows_of["g"]))
 
 
 def gram_of_window(fresh: dict[str, tf.Tensor], window: dict[str, tf.Tensor], held: tf.Tensor,
@@ -99,14 +105,7 @@ def gram_of_window(fresh: dict[str, tf.Tensor], window: dict[str, tf.Tensor], he
     whole window (they are few; tokens.py has no cross-batch route). Returned in `held`'s dtype."""
     if "tokens" in fresh:
         return tf.cast(gram_of_fields(window, memory_budget), held.dtype)
-    if "j" in fresh:
-        rows = per_sample.gram_explicit(window["j"], rows_of=fresh["j"])
-    else:
-        g = window["g"]
-        rows = per_sample.gram_factored(
-            window["a"], g, None if g.shape.rank == 2 else pair_chunk(g, memory_budget),
-            rows_of=(fresh["a"], fresh["g"]))
-    rows = tf.cast(rows, held.dtype)  # (m, n)
+    rows = tf.cast(gram_of_fields(window, memory_budget, rows_of=fresh), held.dtype)  # (m, n)
     m, n = tf.shape(rows)[0], tf.shape(rows)[1]
     older = tf.concat([tf.transpose(rows[:, m:]), held[:n - m, :n - m]], axis=1)
     return tf.concat([rows, older], axis=0)
