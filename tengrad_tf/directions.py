@@ -22,6 +22,13 @@ class Directions:
     def _curvature(self, step: Step, pairs) -> None:
         """Every block's curvature for this step (and the network solve's), fresh or cached."""
         record = step.record
+        # The losses of this optimizer's backward pass that reach its layers: another optimizer's
+        # loss, or one that depends on other layers only, plays no part in its Fisher.
+        step.losses = record.losses_reaching([c for _, calls in pairs for c in calls])
+        # fisher="exact": R rows of output gradients per sample, so each block sees its inputs R
+        # times (output_grads.py); its cache is sized for R·m.
+        rows = output_grads.rows_per_sample(self.fisher, step.losses)
+        pairs = [(block, output_grads.repeat_inputs(calls, rows)) for block, calls in pairs]
         # Read in the forward pass's graph: it encloses this one when Keras's LossScaleOptimizer
         # calls apply inside a tf.cond branch (mixed_float16), and the true Fisher's sampled pass,
         # gated by `fresh`, must be built there (Record.as_default); the branch captures both.
@@ -35,9 +42,6 @@ class Directions:
             # backward pass and the finiteness check of the curvature.
             step.fresh = tf.reduce_any([b.needs_output_grads(step.counter) for b, _ in pairs]
                                        or [False])
-        # The losses of this optimizer's backward pass that reach its layers: another optimizer's
-        # loss, or one that depends on other layers only, plays no part in its Fisher.
-        step.losses = record.losses_reaching([c for _, calls in pairs for c in calls])
         with record.as_default(), tf.name_scope("tengrad_output_grads"):  # scopes mark profiles
             outs = output_grads.output_gradients(
                 record, pairs, step.losses, self.fisher, step.scale, record.loss_scale_of(self),

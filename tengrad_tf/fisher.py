@@ -1,8 +1,12 @@
-"""Output gradients for the Fisher: sampled labels (true Fisher) or the training labels (empirical).
+"""Output gradients for the Fisher: sampled labels (true Fisher), every label weighted by its
+probability (exact Fisher), or the training labels (empirical).
 
 For the true Fisher, labels ŷᵢ are drawn from the model's own predictive distribution p(y | xᵢ), and
-the per-sample output gradients are those of ℓᵢ(ŷᵢ). This module knows, per Keras loss, how to draw
-ŷ from y_pred and evaluates the loss at ŷ per sample. It knows nothing about layers or blocks.
+the per-sample output gradients are those of ℓᵢ(ŷᵢ): one draw of F = Σ_c pᵢ꜀ ∇ℓᵢ(c) ∇ℓᵢ(c)ᵀ per
+sample. The exact Fisher takes that expectation itself, for losses over C classes: C rows per
+sample, √pᵢ꜀ ∇ℓᵢ(c) (kfac-jax's "fisher_exact"). This module knows, per Keras loss, how to draw ŷ
+from y_pred, and evaluates the loss at ŷ (or at each class) per sample. It knows nothing about
+layers or blocks.
 
 Supported losses (the distribution they are the negative log-likelihood of):
   * sparse / categorical cross-entropy, logits or probabilities: categorical;
@@ -18,6 +22,8 @@ draws exactly the labels the uninterrupted run drew from step t on.
 
 from __future__ import annotations
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -25,7 +31,9 @@ from tengrad_tf import _tf_private, capture
 
 EMPIRICAL = "empirical"
 TRUE = "true"
-FISHER_TYPES = (TRUE, EMPIRICAL)
+EXACT = "exact"
+FISHER_TYPES = (TRUE, EMPIRICAL, EXACT)
+_CATEGORICAL = ("sparse_categorical", "categorical")
 
 
 class UnsupportedLossError(ValueError):
@@ -144,6 +152,63 @@ def sampled_loss_sum(loss_calls, seed=None) -> tf.Tensor:
                               tf.random.experimental.stateless_fold_in(key, index))
         total += _sampled_loss(call, y_hat)
     return total
+
+
+def outcomes(loss_calls) -> int:
+    """R, the rows per sample of the exact Fisher: the classes of every differentiated loss.
+
+    Raises UnsupportedLossError for a loss that is not a cross-entropy over classes, or whose
+    predictions are not (batch, classes): a sequence of T predictions per sample would need T·C
+    rows per sample."""
+    total = 0
+    for call in loss_calls:
+        if call.loss_grad is None:
+            continue
+        try:
+            family, _ = _loss_family(call.loss)
+        except UnsupportedLossError:
+            family = None
+        shape = tf.nest.flatten(call.y_pred)[0].shape
+        if family not in _CATEGORICAL or shape.rank != 2 or shape[-1] is None:
+            raise UnsupportedLossError(
+                f"fisher='exact' sums over the classes of a (sparse) categorical cross-entropy "
+                f"with predictions of shape (batch, classes); the loss "
+                f"{getattr(call.loss, 'name', call.loss)!r} ({type(call.loss).__name__}) has "
+                f"predictions of shape {shape}. Use fisher='true' (it samples one label).")
+        total += int(shape[-1])
+    return total
+
+
+def expected_loss_terms(loss_calls) -> list[tf.Tensor]:
+    """One scalar per outcome r = (loss, class c), in order: Σᵢ √(R·pᵢ꜀·wᵢ) ℓᵢ(c), with R =
+    `outcomes(loss_calls)`. The gradient of term r w.r.t. a pre-activation gives its rows
+    √(R·pᵢ꜀·wᵢ) ∂ℓᵢ(c)/∂zᵢ, so that the Fisher of the R·m rows, (1/(R·m)) Σ uuᵀ, is
+    (1/m) Σᵢ wᵢ Σ_c pᵢ꜀ ∇ℓᵢ(c) ∇ℓᵢ(c)ᵀ: the expectation that one sampled label estimates.
+    Different losses' cross terms vanish in it (each score has mean zero under its own
+    prediction), so their rows stack. ℓᵢ is `sampled_loss_sum`'s, at label c."""
+    rows = outcomes(loss_calls)
+    terms = []
+    for call in loss_calls:
+        if call.loss_grad is None:
+            continue
+        family, from_logits = _loss_family(call.loss)
+        y_pred = tf.stop_gradient(call.y_pred)
+        dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
+        y_pred = tf.cast(y_pred, dtype)
+        # The loss's own distribution: Keras's cross-entropy normalizes probabilities it is given.
+        probs = (tf.nn.softmax(y_pred) if from_logits
+                 else y_pred / tf.reduce_sum(y_pred, axis=-1, keepdims=True))
+        weight = (tf.ones_like(probs[:, 0]) if call.sample_weight is None
+                  else tf.reshape(tf.cast(call.sample_weight, dtype), [-1]))
+        classes = int(y_pred.shape[-1])
+        for c in range(classes):
+            label = tf.fill(tf.shape(y_pred)[:1], c)
+            if family == "categorical":
+                label = tf.one_hot(label, classes, dtype=dtype)
+            # `_sampled_loss` weights each sample by the root of its sample weight.
+            weighted = dataclasses.replace(call, sample_weight=rows * probs[:, c] * weight)
+            terms.append(_sampled_loss(weighted, label))
+    return terms
 
 
 def _sampled_loss(call, y_hat) -> tf.Tensor:

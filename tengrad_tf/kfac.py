@@ -37,8 +37,9 @@ class KFAC(PreconditionedOptimizer):
         damping: λ > 0; each factor gets √λ of it (times π or 1/π).
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
-        fisher: "true" samples labels from the model's predictive distribution; "empirical" uses the
-            training labels.
+        fisher: "true" samples labels from the model's predictive distribution; "exact" weights
+            every class by its probability ((sparse) categorical cross-entropy); "empirical" uses
+            the training labels.
         kl_clip: κ > 0 for KL clipping of the step, or None to disable.
         stat_decay: ε in [0, 1), factor ← ε·factor + (1 − ε)·new (the first update takes new).
         cov_update_freq: update the running factors every this many steps (TCov).

@@ -45,8 +45,11 @@ class TENGraD(PreconditionedOptimizer):
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
         fisher: "true" samples labels from the model's predictive distribution (an extra backward
-            pass through the activations, run only on curvature-update steps); "empirical" uses
-            the training labels (free).
+            pass through the activations, run only on curvature-update steps); "exact" takes the
+            expectation over every class instead of one sampled label ((sparse) categorical
+            cross-entropy: C backward passes and C·m Gram rows per update; fewer steps, a dearer
+            curvature: docs/step.md, "The exact Fisher"); "empirical" uses the training labels
+            (free).
         curvature_update_freq: recompute factors, Gram and Cholesky every this many steps, and
             precondition with the cached ones in between.
         curvature_batches: k ≥ 1. Each block's Fisher is the exact one of the samples of the last
@@ -140,6 +143,10 @@ class TENGraD(PreconditionedOptimizer):
               'expected "auto", True or False')
         check("max_batch_size", max_batch_size, max_batch_size is None or is_int(max_batch_size, 1),
               "expected None or an int >= 1")
+        # The exact Fisher's cache holds R·m rows for R classes, which are known only from the
+        # loss once the step is traced, while max_batch_size fixes the cache's size before.
+        check("max_batch_size", max_batch_size, max_batch_size is None or fisher != "exact",
+              "fisher='exact' sizes its cache from the loss's classes; use None with it")
         super().__init__(
             learning_rate=learning_rate, momentum=momentum, weight_decay=weight_decay,
             fisher=fisher, kl_clip=kl_clip, first_order=first_order,

@@ -10,6 +10,9 @@ i's share of the differentiated loss), and this module gets it, for every captur
   * fisher="true": one more backward pass, of the loss at labels sampled from the model
     (fisher.sampled_loss_sum), through the activations only, gated so that it runs only on steps
     where some block refreshes its curvature.
+  * fisher="exact": R such passes, one per class (fisher.expected_loss_terms), gated alike; a
+    call's R·m rows are stacked class by class, to match its inputs repeated R times
+    (`rows_per_sample`, `repeat_inputs`).
 
 What this module does not do: sample labels (fisher.py), or know what a block does with G.
 """
@@ -39,7 +42,34 @@ def output_gradients(record: StepView, pairs, losses: list[LossCall], fisher_typ
         return {}
     if fisher_type == fisher.EMPIRICAL:
         return _empirical(pairs, losses, loss_scale, lso_scale)
-    return _sampled(record, pairs, losses, loss_scale, lso_scale, fresh, seed, iterations)
+    return _model_fisher(record, pairs, losses, fisher_type, loss_scale, lso_scale, fresh, seed,
+                         iterations)
+
+
+def rows_per_sample(fisher_type: str, losses: list[LossCall]) -> int:
+    """Rows of output gradients per sample: R for the exact Fisher (fisher.outcomes), else 1."""
+    if fisher_type != fisher.EXACT:
+        return 1
+    _require_losses(losses, fisher_type)
+    return fisher.outcomes(losses)
+
+
+def repeat_inputs(calls: list, rows: int) -> list:
+    """The calls with their inputs repeated `rows` times along the batch, to match output
+    gradients of `rows` rows per sample (each block then sees a batch of rows·m samples)."""
+    if rows == 1:
+        return calls
+    return [dataclasses.replace(c, inputs=tf.nest.map_structure(
+        lambda t: tf.concat([t] * rows, axis=0), c.inputs)) for c in calls]
+
+
+def _require_losses(losses, fisher_type):
+    if not losses:
+        raise BindingError(
+            f"fisher={fisher_type!r} needs to see the loss to take labels from the model's "
+            "predictions, but no keras.losses.Loss was part of the differentiated loss in this "
+            "step. Compute the loss with a Keras Loss object (model.compile(loss=...) does) in "
+            "the same tf.function, or use fisher='empirical'.")
 
 
 def loss_weight(call: LossCall, loss_scale: float, lso_scale) -> tf.Tensor:
@@ -69,31 +99,26 @@ def _empirical(pairs, losses, loss_scale, lso_scale):
     return {id(b): [_weighted_rows(unscaled(c), root_w) for c in calls] for b, calls in pairs}
 
 
-def _sampled(record, pairs, losses, loss_scale, lso_scale, fresh, seed, iterations):
-    if not losses:
-        raise BindingError(
-            "fisher='true' needs to see the loss to sample labels from the model's predictions, "
-            "but no keras.losses.Loss was part of the differentiated loss in this step. "
-            "Compute the loss with a Keras "
-            "Loss object (model.compile(loss=...) does) in the same tf.function, or use "
-            "fisher='empirical'."
-        )
+def _model_fisher(record, pairs, losses, fisher_type, loss_scale, lso_scale, fresh, seed,
+                  iterations):
+    """The true (sampled) or exact Fisher's output gradients: extra backward passes."""
+    _require_losses(losses, fisher_type)
     if tf.executing_eagerly():
         raise BindingError(
-            "fisher='true' needs the forward pass and apply_gradients in one tf.function "
-            "(model.fit does this unless run_eagerly=True). Wrap the custom train step in "
-            "tf.function, or use fisher='empirical'."
+            f"fisher={fisher_type!r} needs the forward pass and apply_gradients in one "
+            "tf.function (model.fit does this unless run_eagerly=True). Wrap the custom train "
+            "step in tf.function, or use fisher='empirical'."
         )
     for call in losses:
         fisher.check_supported(call.loss)
     flat = [c for _, calls in pairs for c in calls]
-    # The sampled backward pass is needed only on steps where some block refreshes its curvature
-    # (1 in curvature_update_freq). A tf.cond cannot hold it (the gradient of tensors computed
-    # outside a branch does not exist inside it), so the pass is gated with dataflow Switch/Merge
-    # instead: on other steps its seed gradient is a dead tensor, and every gradient op downstream
-    # of a dead input does not run. The gate must sit on the seed (grad_ys), not on the loss's
-    # input: the gradient of a Switch is a Merge with zeros, which would revive the whole backward
-    # pass on gated-off steps (the profile showed exactly that).
+    # The extra backward passes are needed only on steps where some block refreshes its
+    # curvature (1 in curvature_update_freq). A tf.cond cannot hold them (the gradient of tensors
+    # computed outside a branch does not exist inside it), so each is gated with dataflow
+    # Switch/Merge instead: on other steps its seed gradient is a dead tensor, and every gradient
+    # op downstream of a dead input does not run. The gate must sit on the seed (grad_ys), not on
+    # the loss's input: the gradient of a Switch is a Merge with zeros, which would revive the
+    # whole backward pass on gated-off steps (the profile showed exactly that).
     gate = None if _tf_private.in_xla_context() else fresh
     with record.frozen_taps():  # the taps keep the training gradients they hold
         # In the loss's dtype, as Keras's Loss.__call__ computes the training loss (float32 for
@@ -102,20 +127,29 @@ def _sampled(record, pairs, losses, loss_scale, lso_scale, fresh, seed, iteratio
             lambda t, c=c: tf.cast(t, c.loss.dtype), c.y_pred)) for c in losses]
         loss_calls = [dataclasses.replace(c, loss_grad=loss_weight(c, loss_scale, lso_scale))
                       for c in loss_calls]
-        sampled = fisher.sampled_loss_sum(loss_calls, fisher.step_key(seed, iterations))
-        grad_ys = None if gate is None else tf.raw_ops.Switch(data=tf.ones_like(sampled),
-                                                               pred=gate)[1]
-        grads = tf.gradients(sampled, [c.preactivation for c in flat], grad_ys=grad_ys)
-    if gate is not None:
-        # Merge takes whichever input is alive: the sampled gradient, or, when gated off, a
-        # stand-in that no one reads (only curvature updates use G, and they run only where the
-        # gate is open). A dead Merge would kill the step, so the stand-in is shaped from the
-        # pre-activation, which is alive, not from g, which is dead. It has no samples: zeros of
-        # the pre-activation's shape were written on every step.
-        grads = [g if g is None else _gated(g, c.preactivation, gate) for c, g in zip(flat, grads)]
-    by_call = {id(c): (tf.zeros_like(c.preactivation) if g is None else g)
-               for c, g in zip(flat, grads)}
+        if fisher_type == fisher.EXACT:
+            terms = fisher.expected_loss_terms(loss_calls)
+        else:
+            terms = [fisher.sampled_loss_sum(loss_calls, fisher.step_key(seed, iterations))]
+        passes = [_gated_gradients(term, flat, gate) for term in terms]
+    by_call = {id(c): tf.concat([p[j] for p in passes], axis=0) if len(passes) > 1
+               else passes[0][j] for j, c in enumerate(flat)}
     return {id(b): [by_call[id(c)] for c in calls] for b, calls in pairs}
+
+
+def _gated_gradients(term: tf.Tensor, flat: list, gate) -> list[tf.Tensor]:
+    """∂term/∂z of every call's pre-activation z, computed only where `gate` is open (None: always);
+    zeros for a call the term does not reach."""
+    grad_ys = None if gate is None else tf.raw_ops.Switch(data=tf.ones_like(term), pred=gate)[1]
+    grads = tf.gradients(term, [c.preactivation for c in flat], grad_ys=grad_ys)
+    if gate is not None:
+        # Merge takes whichever input is alive: the gradient, or, when gated off, a stand-in that
+        # no one reads (only curvature updates use G, and they run only where the gate is open).
+        # A dead Merge would kill the step, so the stand-in is shaped from the pre-activation,
+        # which is alive, not from g, which is dead. It has no samples: zeros of the
+        # pre-activation's shape were written on every step.
+        grads = [g if g is None else _gated(g, c.preactivation, gate) for c, g in zip(flat, grads)]
+    return [tf.zeros_like(c.preactivation) if g is None else g for c, g in zip(flat, grads)]
 
 
 def _gated(g: tf.Tensor, preactivation: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:
