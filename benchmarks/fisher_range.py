@@ -1,10 +1,11 @@
 """Does the quadratic model predict the first steps? The sampled (true) Fisher against the
-empirical one, on real data from initialization.
+exact and the empirical ones, on real data from initialization.
 
 TENGraD's block is the exact Fisher of one batch, rank ≤ m. With fisher="true" its per-sample
 gradients are taken at labels sampled from the model, so the batch's gradient g (taken at the data's
 labels) can lie mostly outside their span; there the step is g/λ, and the loss's curvature in
-that direction is not in the model. With fisher="empirical" g lies in the span by construction.
+that direction is not in the model. With fisher="exact" (every class, weighted by its probability)
+and with fisher="empirical", g lies in the span by construction.
 The damping check sees the difference on its first step, as the reduction ratio ρ.
 
 For each model and Fisher, TENGraD() at its defaults (adaptive damping, λ₀ = 0.1) trains `--steps`
@@ -15,7 +16,7 @@ loss over the last ten steps. Models: the defaults study's MLP and CNN (Fashion-
 MobileNetV2 (α 0.35) on CIFAR-10 when the npz copy is found (TENGRAD_CIFAR_NPZ_DIR or
 ../shared/data).
 
-    python benchmarks/fisher_range.py                  # the committed result (~3 minutes)
+    python benchmarks/fisher_range.py                  # the committed result (~5 minutes)
     python benchmarks/fisher_range.py --models mlp --steps 20
 """
 
@@ -38,7 +39,7 @@ from benchmarks.common import ROOT, RESULTS, git_commit, report_header, write_re
 from tengrad_tf import TENGraD, data, models  # noqa: E402
 
 MODELS = ("mlp", "cnn", "mobilenet_v2")
-FISHERS = ("true", "empirical")
+FISHERS = ("true", "exact", "empirical")
 
 
 def cifar_npz_dir() -> str | None:

@@ -54,6 +54,10 @@ CONFIGS = {
     "layers_true_reuse": ("TENGraD", dict(
         fisher="true", learning_rate=0.1, damping=0.05, momentum=0.0, kl_clip=None,
         curvature_update_freq=2)),
+    # R rows per sample: each replica's repeated inputs and class rows gathered in one order.
+    "layers_exact_reuse": ("TENGraD", dict(
+        fisher="exact", learning_rate=0.1, damping=0.05, momentum=0.0, kl_clip=None,
+        curvature_update_freq=2)),
 }
 MULTIWORKER_CONFIGS = ("empirical_momentum_klclip_reuse", "kfac_true")
 

@@ -79,7 +79,7 @@ def initial_weights():
     return cnn().get_weights()
 
 
-@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+@pytest.mark.parametrize("fisher_type", ["empirical", "true", "exact"])
 def test_mixed_precision_update_matches_float32(fixed_sampled_labels, fisher_type):
     """Three steps at curvature_update_freq=2 (fresh, cached, fresh curvature), both policies."""
     _, y = data()
