@@ -27,6 +27,8 @@ same for every optimizer.
 
     python benchmarks/memory.py                 # 3C1F, batch 128; ~8 minutes on 2 CPUs
     python benchmarks/memory.py --model mlp --steps 1 --warmup 1 --out /tmp/m   # quick
+    python benchmarks/memory.py --model mobilenet_v2 --batch 32 --optimizers sgd tengrad-true \
+        tengrad-exact --out benchmarks/results/memory_exact/b32    # the exact Fisher's memory
 
 Writes memory.json (and memory.md) under --out (default benchmarks/results/) and prints the table.
 """
@@ -40,6 +42,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# benchmarks.common.STEP_MODELS, named here: this parent process does not import TensorFlow.
+MODELS = ["3c1f", "mlp", "3c1f_w32", "mobilenet_v2", "transformer", "text_cnn"]
 OPTIMIZERS = ["sgd", "tengrad-true", "tengrad-empirical", "tengrad-true-b64", "kfac-true"]
 
 
@@ -141,7 +145,7 @@ def main(argv=None):
         return None
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="3c1f", choices=["3c1f", "mlp"])
+    parser.add_argument("--model", default="3c1f", choices=MODELS)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--optimizers", nargs="+", default=OPTIMIZERS)
     parser.add_argument("--warmup", type=int, default=2, help="first steps (tracing included)")

@@ -218,6 +218,12 @@ def test_every_committed_result_has_its_table_markers_in_the_readme_or_docs():
 # ----------------------------------------------------------------------------- memory.py
 
 
+def test_memory_benchmark_offers_every_step_model():
+    from benchmarks import common, memory
+
+    assert sorted(memory.MODELS) == sorted(common.STEP_MODELS)
+
+
 def test_memory_benchmark_quick_run_writes_json_and_table(tmp_path):
     """benchmarks/memory.py on a small MLP, one configuration, one step: the worker subprocess,
     the JSON fields and the README table (the real run is 3C1F at batch 128, see its docstring)."""
