@@ -62,7 +62,8 @@ class TENGraD(PreconditionedOptimizer):
             points (docs/step.md, "Lagged curvature"). The first step, with nothing cached, takes
             its own. False: every update step takes its own batch's Fisher, as in the paper.
         kl_clip: κ > 0 for KL clipping of the step, or None to disable.
-        memory_budget: bytes one chunk of the convolution Gram routes may use.
+        memory_budget: bytes one chunk of the convolution Gram routes may use; with
+            fisher="exact", also the most a block's float64 Gram of C·m rows may take.
         max_damping_retries: how often an indefinite Gram is refactorized with 10× more damping.
         max_consecutive_skips: raise after this many non-finite steps in a row.
         jit_solve: compile the m × m part of each block (Gram symmetrization, Cholesky with its

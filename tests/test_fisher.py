@@ -255,3 +255,19 @@ def test_exact_fisher_fails_in_fit_naming_the_loss():
 def test_exact_fisher_refuses_a_fixed_cache_size_at_construction():
     with pytest.raises(ValueError, match="max_batch_size"):
         TENGraD(fisher="exact", max_batch_size=32)
+
+
+def test_exact_fisher_refuses_a_gram_beyond_the_memory_budget():
+    """10 classes × 64 samples: a 640 × 640 float64 Gram per block, 3.1 MiB, over a 1 MiB budget;
+    refused with the numbers, before any step."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(10)])
+    model.compile(optimizer=TENGraD(fisher="exact", memory_budget=2**20),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = model.get_weights()
+    with pytest.raises(ValueError, match=r"640 × 640 Gram.*memory_budget=1048576"):
+        model.fit(np.zeros((64, 5)), np.zeros(64), batch_size=64, verbose=0)
+    for w, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(w, b)
+    model.compile(optimizer=TENGraD(fisher="exact", memory_budget=2**22),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.fit(np.zeros((64, 5)), np.zeros(64), batch_size=64, verbose=0)  # 3.1 MiB < 4 MiB
