@@ -25,11 +25,13 @@ class Directions:
         # The losses of this optimizer's backward pass that reach its layers: another optimizer's
         # loss, or one that depends on other layers only, plays no part in its Fisher.
         step.losses = record.losses_reaching([c for _, calls in pairs for c in calls])
-        # fisher="exact": R rows of output gradients per sample, so each block sees its inputs R
-        # times (output_grads.py); its cache is sized for R·m.
+        # fisher="exact": R rows of output gradients per sample, so each block sees each input row
+        # R times in a row (output_grads.py); its cache is sized for R·m.
         rows = output_grads.rows_per_sample(self.fisher, step.losses)
         if rows > 1:
             self._check_exact_rows(rows, pairs)
+        for block, _ in pairs:
+            block.input_repeats = rows
         pairs = [(block, output_grads.repeat_inputs(calls, rows)) for block, calls in pairs]
         # Read in the forward pass's graph: it encloses this one when Keras's LossScaleOptimizer
         # calls apply inside a tf.cond branch (mixed_float16), and the true Fisher's sampled pass,

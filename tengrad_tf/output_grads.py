@@ -11,8 +11,10 @@ i's share of the differentiated loss), and this module gets it, for every captur
     (fisher.sampled_loss_sum), through the activations only, gated so that it runs only on steps
     where some block refreshes its curvature.
   * fisher="exact": R such passes, one per class (fisher.expected_loss_terms), gated alike; a
-    call's R·m rows are stacked class by class, to match its inputs repeated R times
-    (`rows_per_sample`, `repeat_inputs`).
+    call's R·m rows are sample by sample (a sample's R rows in a row), to match its inputs with
+    each row repeated R times (`rows_per_sample`, `repeat_inputs`). That order survives any
+    concatenation of samples (replicas, a window of batches, zero padding), and lets a Dense
+    block find its distinct input rows as every R-th (blocks/per_sample.py).
 
 What this module does not do: sample labels (fisher.py), or know what a block does with G.
 """
@@ -55,12 +57,12 @@ def rows_per_sample(fisher_type: str, losses: list[LossCall]) -> int:
 
 
 def repeat_inputs(calls: list, rows: int) -> list:
-    """The calls with their inputs repeated `rows` times along the batch, to match output
-    gradients of `rows` rows per sample (each block then sees a batch of rows·m samples)."""
+    """The calls with each input row repeated `rows` times in a row, to match output gradients
+    of `rows` rows per sample (each block then sees a batch of rows·m samples)."""
     if rows == 1:
         return calls
     return [dataclasses.replace(c, inputs=tf.nest.map_structure(
-        lambda t: tf.concat([t] * rows, axis=0), c.inputs)) for c in calls]
+        lambda t: tf.repeat(t, rows, axis=0), c.inputs)) for c in calls]
 
 
 def _require_losses(losses, fisher_type):
@@ -132,9 +134,19 @@ def _model_fisher(record, pairs, losses, fisher_type, loss_scale, lso_scale, fre
         else:
             terms = [fisher.sampled_loss_sum(loss_calls, fisher.step_key(seed, iterations))]
         passes = [_gated_gradients(term, flat, gate) for term in terms]
-    by_call = {id(c): tf.concat([p[j] for p in passes], axis=0) if len(passes) > 1
-               else passes[0][j] for j, c in enumerate(flat)}
+    by_call = {id(c): _sample_major([p[j] for p in passes]) for j, c in enumerate(flat)}
     return {id(b): [by_call[id(c)] for c in calls] for b, calls in pairs}
+
+
+def _sample_major(rows: list[tf.Tensor]) -> tf.Tensor:
+    """R passes' (m, ...) gradients → (m·R, ...), sample i's R rows in a row."""
+    if len(rows) == 1:
+        return rows[0]
+    stacked = tf.stack(rows, axis=1)
+    merged = tf.reshape(stacked, tf.concat([[-1], tf.shape(stacked)[2:]], axis=0))
+    if rows[0].shape[0] is not None:  # a static batch stays static (the blocks' routes use it)
+        merged.set_shape([rows[0].shape[0] * len(rows)] + rows[0].shape[1:].as_list())
+    return merged
 
 
 def _gated_gradients(term: tf.Tensor, flat: list, gate) -> list[tf.Tensor]:
@@ -142,14 +154,18 @@ def _gated_gradients(term: tf.Tensor, flat: list, gate) -> list[tf.Tensor]:
     zeros for a call the term does not reach."""
     grad_ys = None if gate is None else tf.raw_ops.Switch(data=tf.ones_like(term), pred=gate)[1]
     grads = tf.gradients(term, [c.preactivation for c in flat], grad_ys=grad_ys)
-    if gate is not None:
-        # Merge takes whichever input is alive: the gradient, or, when gated off, a stand-in that
-        # no one reads (only curvature updates use G, and they run only where the gate is open).
-        # A dead Merge would kill the step, so the stand-in is shaped from the pre-activation,
-        # which is alive, not from g, which is dead. It has no samples: zeros of the
-        # pre-activation's shape were written on every step.
-        grads = [g if g is None else _gated(g, c.preactivation, gate) for c, g in zip(flat, grads)]
-    return [tf.zeros_like(c.preactivation) if g is None else g for c, g in zip(flat, grads)]
+    if gate is None:
+        return [tf.zeros_like(c.preactivation) if g is None else g for c, g in zip(flat, grads)]
+    # Zeros for a call the term does not reach, gated like the others: the exact Fisher stacks
+    # every pass's rows, which needs one shape for all of them on gated-off steps too.
+    grads = [tf.raw_ops.Switch(data=tf.zeros_like(c.preactivation), pred=gate)[1] if g is None
+             else g for c, g in zip(flat, grads)]
+    # Merge takes whichever input is alive: the gradient, or, when gated off, a stand-in that no
+    # one reads (only curvature updates use G, and they run only where the gate is open). A dead
+    # Merge would kill the step, so the stand-in is shaped from the pre-activation, which is
+    # alive, not from g, which is dead. It has no samples: zeros of the pre-activation's shape
+    # were written on every step.
+    return [_gated(g, c.preactivation, gate) for c, g in zip(flat, grads)]
 
 
 def _gated(g: tf.Tensor, preactivation: tf.Tensor, gate: tf.Tensor) -> tf.Tensor:

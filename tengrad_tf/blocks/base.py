@@ -5,8 +5,7 @@ convolution's two kernels and bias). What the layer is (its per-sample gradient 
 its gradient as one matrix) is its helper's business (`tengrad_tf.layers`). What to cache and which
 Gram route is cheaper is the cost model's (cost.py); forming the cache and the Gram is gram.py's;
 the cache's variables, capacity and persistence are cache.py's; the damped solve is woodbury.py's.
-This class holds one layer's choices and its schedule, and implements the block protocol
-(protocol.py) the optimizer's core calls.
+This class holds one layer's choices and its schedule, and implements protocol.py's protocol.
 """
 
 from __future__ import annotations
@@ -74,6 +73,7 @@ class FisherBlock(CurvatureBlock):
         self._schedule_memo: dict = {}
         # callbacks.Diagnostics: keep the condition number of the damped Gram of each update.
         self.diagnostics = False
+        self.input_repeats = 1  # fisher="exact": rows per input row (per_sample._distinct)
         self.condition: tf.Variable | None = None
 
     @property
@@ -182,14 +182,14 @@ class FisherBlock(CurvatureBlock):
                 state = self._window(fresh)
                 if "gram" in self._cache:  # kept for the adaptive damping: only new rows
                     k = gram.gram_of_window(fresh, state, self._cache.variables["gram"],
-                                            self.memory_budget)
+                                            self.memory_budget, self.input_repeats)
                 else:
-                    k = gram.gram_of_fields(state, self.memory_budget)
+                    k = gram.gram_of_fields(state, self.memory_budget, None, self.input_repeats)
                 state["samples"] = tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE)
             else:
                 state, k = gram.cache_and_gram(h, cache, inputs, output_grads,
                                                self.factored_threshold(p, cache),
-                                               self.memory_budget)
+                                               self.memory_budget, self.input_repeats)
         if self.joint:  # factorized with the other blocks' Grams (blocks/network.py)
             state["gram"] = tf.cast(k, woodbury.SOLVE_DTYPE)
             return state, tf.constant(0)
@@ -337,7 +337,7 @@ class FisherBlock(CurvatureBlock):
                 return per_sample.project_explicit(c["j"], v)
             if "tokens" in c:
                 return tokens.project(tf.cast(c["tokens"], tf.int32), c["g"], v)
-            return per_sample.project_factored(c["a"], c["g"], v)
+            return per_sample.project_factored(c["a"], c["g"], v, self.input_repeats)
 
     def _combine(self, c: dict[str, tf.Tensor], s: tf.Tensor) -> tf.Tensor:
         """U s, shaped like the block's matrix, from the cache."""
@@ -347,4 +347,4 @@ class FisherBlock(CurvatureBlock):
             if "tokens" in c:
                 return tokens.combine(tf.cast(c["tokens"], tf.int32), c["g"], s,
                                       self.helper.vocabulary)
-            return per_sample.combine_factored(c["a"], c["g"], s)
+            return per_sample.combine_factored(c["a"], c["g"], s, self.input_repeats)

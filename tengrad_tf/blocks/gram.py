@@ -79,10 +79,10 @@ def cache_fields(helper, cache: CacheKind, inputs, output_grads, memory_budget: 
 
 
 def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int,
-                   rows_of: dict[str, tf.Tensor] | None = None) -> tf.Tensor:
+                   rows_of: dict[str, tf.Tensor] | None = None, repeats: int = 1) -> tf.Tensor:
     """K = UᵀU over the samples of cache fields (route F for factors: J is never formed).
     rows_of: the cache fields of m' other samples (J or factors, not a lookup table's) → only
-    their rows, (m', m)."""
+    their rows, (m', m). repeats: per_sample.gram_factored's."""
     if "j" in fields:
         return per_sample.gram_explicit(fields["j"], None if rows_of is None else rows_of["j"])
     g = fields["g"]
@@ -93,11 +93,11 @@ def gram_of_fields(fields: dict[str, tf.Tensor], memory_budget: int,
                            memory_budget)
     return per_sample.gram_factored(
         fields["a"], g, None if g.shape.rank == 2 else pair_chunk(g, memory_budget),
-        None if rows_of is None else (rows_of["a"], rows_of["g"]))
+        None if rows_of is None else (rows_of["a"], rows_of["g"]), repeats)
 
 
 def gram_of_window(fresh: dict[str, tf.Tensor], window: dict[str, tf.Tensor], held: tf.Tensor,
-                   memory_budget: int) -> tf.Tensor:
+                   memory_budget: int, repeats: int = 1) -> tf.Tensor:
     """K over a window of curvature_batches batches (cache fields: this batch's `fresh` samples
     first, then the held ones), given `held`, the Gram the cache keeps from the last update: its
     leading block is the held samples' own. Only the fresh rows are new, m·n products of the n²:
@@ -105,16 +105,17 @@ def gram_of_window(fresh: dict[str, tf.Tensor], window: dict[str, tf.Tensor], he
     whole window (they are few; tokens.py has no cross-batch route). Returned in `held`'s dtype."""
     if "tokens" in fresh:
         return tf.cast(gram_of_fields(window, memory_budget), held.dtype)
-    rows = tf.cast(gram_of_fields(window, memory_budget, rows_of=fresh), held.dtype)  # (m, n)
+    rows = tf.cast(gram_of_fields(window, memory_budget, fresh, repeats), held.dtype)  # (m, n)
     m, n = tf.shape(rows)[0], tf.shape(rows)[1]
     older = tf.concat([tf.transpose(rows[:, m:]), held[:n - m, :n - m]], axis=1)
     return tf.concat([rows, older], axis=0)
 
 
 def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: float,
-                   memory_budget: int) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
+                   memory_budget: int, repeats: int = 1) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
     """What to cache ({"a", "g"}, {"j"} or {"tokens", "g"}) and the Gram K = UᵀU, by route F
-    below `threshold` samples and route E above (cost.factored_threshold)."""
+    below `threshold` samples and route E above (cost.factored_threshold); repeats:
+    per_sample.gram_factored's."""
     if cache is CacheKind.TOKENS or not cost.is_kronecker(helper):  # one route only
         fields = cache_fields(helper, cache, inputs, output_grads, memory_budget)
         return fields, gram_of_fields(fields, memory_budget)
@@ -128,7 +129,7 @@ def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: fl
 
     def route_f():
         rows = input_rows(helper, inputs) if a is None else a
-        return per_sample.gram_factored(rows, g, pair_chunk(g, memory_budget))
+        return per_sample.gram_factored(rows, g, pair_chunk(g, memory_budget), repeats=repeats)
 
     def route_e():
         if j is not None:

@@ -58,16 +58,21 @@ def map_sample_chunks(
 
 
 def gram_factored(a: Tensor, g: Tensor, chunk: int | None = None,
-                  rows_of: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                  rows_of: tuple[Tensor, Tensor] | None = None, repeats: int = 1) -> Tensor:
     """Route F. a: (m, P, D_in), g: (m, P, D_out) → K (m, m), never forming a per-sample gradient.
 
     rows_of: the factors (a', g') of m' other samples → only their rows, (m', m): u'ᵢ·uⱼ. A Gram
     that grows by a batch at a time needs only the new rows (gram.gram_of_window).
+    repeats: R when each input row comes R times in a row (fisher="exact"): a Dense layer then
+    multiplies its distinct rows only (`_distinct`).
     """
     a, g = _dense_rows(a), _dense_rows(g)
     a_rows, g_rows = (a, g) if rows_of is None else map(_dense_rows, rows_of)
     if a.shape.rank == 2:  # Dense: K = (A Aᵀ) ⊙ (G Gᵀ), the m²(D_in + D_out) special case
-        return tf.matmul(a_rows, a, transpose_b=True) * tf.matmul(g_rows, g, transpose_b=True)
+        aa = tf.matmul(_distinct(a_rows, repeats), _distinct(a, repeats), transpose_b=True)
+        if repeats > 1:
+            aa = tf.repeat(tf.repeat(aa, repeats, axis=0), repeats, axis=1)
+        return aa * tf.matmul(g_rows, g, transpose_b=True)
 
     def rows(a_chunk, g_chunk):
         aa = tf.einsum("ipa,jqa->ijpq", a_chunk, a)
@@ -104,25 +109,39 @@ def _dense_rows(x: Tensor) -> Tensor:
     return x[:, 0] if x.shape.rank == 3 and x.shape[1] == 1 else x
 
 
+def _distinct(a: Tensor, repeats: int) -> Tensor:
+    """The distinct rows of `a` when each comes `repeats` times in a row: the exact Fisher's C
+    rows of a sample share its input row (fisher.py), so a Dense layer's products with A need
+    only every C-th row, C times fewer."""
+    return a if repeats == 1 else a[::repeats]
+
+
 # Uᵀv and U s run on every step, also between curvature updates, where a small model's step costs
 # about as much per op as per flop: they take and return s as an (m, 1) column (no reshapes in the
 # solve), and Dense factors stored as (m, D) matrices (no slicing).
-def project_factored(a: Tensor, g: Tensor, v: Tensor) -> Tensor:
+def project_factored(a: Tensor, g: Tensor, v: Tensor, repeats: int = 1) -> Tensor:
     """(Uᵀv)ᵢ = Σₜ (Âᵢ V)ₜ · Gᵢₜ for V (D_in, D_out) → (m, 1). Cost m·P·D_in·D_out.
 
-    a, g: (m, P, D) factors, or (m, D) for a Dense layer (P = 1)."""
+    a, g: (m, P, D) factors, or (m, D) for a Dense layer (P = 1); repeats: as in gram_factored."""
     a, g = _dense_rows(a), _dense_rows(g)
     if a.shape.rank == 2:  # plain matmuls: einsum's reshapes cost as much as the work for a Dense
-        return tf.reduce_sum(tf.matmul(a, v) * g, axis=1, keepdims=True)
+        av = tf.matmul(_distinct(a, repeats), v)
+        if repeats > 1:
+            av = tf.repeat(av, repeats, axis=0)
+        return tf.reduce_sum(av * g, axis=1, keepdims=True)
     av = tf.einsum("ipa,ab->ipb", a, v)
     return tf.reshape(tf.reduce_sum(av * g, axis=[1, 2]), [-1, 1])
 
 
-def combine_factored(a: Tensor, g: Tensor, s: Tensor) -> Tensor:
-    """U s = Σᵢ sᵢ Âᵢᵀ Gᵢ = Âᵀ diag(s) G → (D_in, D_out), for s of shape (m, 1)."""
+def combine_factored(a: Tensor, g: Tensor, s: Tensor, repeats: int = 1) -> Tensor:
+    """U s = Σᵢ sᵢ Âᵢᵀ Gᵢ = Âᵀ diag(s) G → (D_in, D_out), for s of shape (m, 1); repeats: as in
+    gram_factored (a Dense layer first sums the rows of G that share an input row)."""
     a, g = _dense_rows(a), _dense_rows(g)
     if a.shape.rank == 2:
-        return tf.matmul(a * s, g, transpose_a=True)
+        if repeats == 1:
+            return tf.matmul(a * s, g, transpose_a=True)
+        shared = tf.reduce_sum(tf.reshape(s * g, [-1, repeats, g.shape[-1]]), axis=1)
+        return tf.matmul(_distinct(a, repeats), shared, transpose_a=True)
     return tf.einsum("ipa,ipb->ab", a * s[:, :, None], g)
 
 

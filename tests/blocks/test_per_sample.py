@@ -63,3 +63,22 @@ def test_project_and_combine_are_u_transpose_and_u(p):
         np.testing.assert_allclose(utv[:, 0], u @ v.ravel(), rtol=1e-12)
         np.testing.assert_allclose(combine(tf.constant(s)).numpy().ravel(), u.T @ s[:, 0],
                                    rtol=1e-12)
+
+
+@pytest.mark.parametrize("repeats", [2, 3])
+def test_dense_with_repeated_input_rows_uses_the_distinct_ones(repeats):
+    """fisher="exact": each input row comes R times in a row; gram, Uᵀv and U s from the distinct
+    rows equal the plain products over all the rows (and the Gram rows of other samples too)."""
+    rng = np.random.default_rng(repeats)
+    a = tf.repeat(tf.constant(rng.normal(size=(5, 6))), repeats, axis=0)
+    g = tf.constant(rng.normal(size=(5 * repeats, 4)))
+    v, s = tf.constant(rng.normal(size=(6, 4))), tf.constant(rng.normal(size=(5 * repeats, 1)))
+    for got, plain in [
+        (per_sample.gram_factored(a, g, repeats=repeats), per_sample.gram_factored(a, g)),
+        (per_sample.gram_factored(a, g, rows_of=(a[:2 * repeats], g[:2 * repeats]),
+                                  repeats=repeats),
+         per_sample.gram_factored(a, g, rows_of=(a[:2 * repeats], g[:2 * repeats]))),
+        (per_sample.project_factored(a, g, v, repeats), per_sample.project_factored(a, g, v)),
+        (per_sample.combine_factored(a, g, s, repeats), per_sample.combine_factored(a, g, s)),
+    ]:
+        np.testing.assert_allclose(got.numpy(), plain.numpy(), rtol=1e-12, atol=1e-12)
