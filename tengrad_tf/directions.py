@@ -28,9 +28,7 @@ class Directions:
         # fisher="exact": R rows of output gradients per sample, so each block sees each input row
         # R times in a row (output_grads.py); its cache is sized for R·m.
         rows = output_grads.rows_per_sample(self.fisher, step.losses)
-        if rows > 1:
-            self._check_exact_rows(rows, pairs)
-        for block, _ in pairs:
+        for block, _ in pairs:  # a block refuses a Gram beyond its memory budget (cost.py)
             block.input_repeats = rows
         pairs = [(block, output_grads.repeat_inputs(calls, rows)) for block, calls in pairs]
         # Read in the forward pass's graph: it encloses this one when Keras's LossScaleOptimizer
@@ -72,25 +70,6 @@ class Directions:
         # What preconditions: the curvature just found, or (lagged curvature) on an update step
         # the one cached before it; step.stores keeps the new one (base.FisherBlock.preconditioner).
         step.parts = [(b, ids, b.preconditioner(step.counter, c)) for b, ids, c in step.parts]
-
-    def _check_exact_rows(self, rows: int, pairs) -> None:
-        """fisher="exact" gives each block a Gram of R·m rows (R·m·k with a window of k batches).
-        Refuse, before tracing R backward passes, one whose float64 Gram alone exceeds
-        memory_budget (TENGraD's; K-FAC's factors do not grow with R). A batch size unknown
-        while tracing is not checked."""
-        budget = getattr(self, "memory_budget", None)
-        batch = tf.nest.flatten(pairs[0][1][0].inputs)[0].shape[0] if pairs else None
-        if budget is None or batch is None:
-            return
-        samples = (rows * batch * distribute.replicas_in_sync()
-                   * getattr(self, "curvature_batches", 1))
-        if samples * samples * 8 > budget:
-            raise ValueError(
-                f"fisher='exact': {rows} rows per sample (the loss's classes) for {samples // rows} "
-                f"samples make a {samples} × {samples} Gram per block, "
-                f"{samples * samples * 8 / 2**20:.0f} MiB in float64, more than "
-                f"memory_budget={budget} bytes. Use fisher='true' (one sampled label per sample), "
-                "a smaller batch, or a larger memory_budget.")
 
     def _prepare(self, holder, *args) -> None:
         """Ask a block (or the network solve) to create its state if it has none yet, and restore

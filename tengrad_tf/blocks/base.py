@@ -129,11 +129,11 @@ class FisherBlock(CurvatureBlock):
         p = gram.total_positions(self.helper, inputs)
         capacity = capacity_for(self.layer.name, inputs[0].shape[0], self.max_batch_size,
                                 self.curvature_batches)
+        cost.check_repeated_gram(self.layer.name, capacity, self.input_repeats, self.memory_budget)
         fields = cache_layout(self.helper, self.cache_kind(p), capacity, p,
                               adaptive_damping=self.adaptive_damping, joint=self.joint,
                               window=self.curvature_batches > 1)
-        self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size,
-                            ones=("damping",))
+        self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size, ones=("damping",))
         if self.diagnostics:
             with eager_state.outside_the_step():
                 self.condition = tf.Variable(tf.constant(0.0, woodbury.SOLVE_DTYPE),

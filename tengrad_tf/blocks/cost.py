@@ -96,3 +96,18 @@ def route(d: int, cache: CacheKind, threshold: float) -> str:
 def chunk(memory_budget: int, per_sample_bytes: int) -> int:
     """Samples per chunk so that one chunk's intermediate stays within the memory budget."""
     return max(1, memory_budget // max(1, per_sample_bytes))
+
+
+def check_repeated_gram(layer_name: str, rows: int | None, repeats: int, memory_budget: int
+                        ) -> None:
+    """fisher="exact" repeats each sample's rows once per class (`repeats`), which multiplies the
+    Gram's rows, its memory by repeats². Refuse, before any of it is traced, a block whose float64
+    Gram of `rows` rows (its cache's capacity; None: dynamic, not checked) alone exceeds the
+    memory budget."""
+    if repeats == 1 or rows is None or rows * rows * 8 <= memory_budget:
+        return
+    raise ValueError(
+        f"fisher='exact', layer '{layer_name}': {repeats} rows per sample (the loss's classes) "
+        f"make a {rows} × {rows} Gram, {rows * rows * 8 / 2**20:.0f} MiB in float64, more than "
+        f"memory_budget={memory_budget} bytes. Use fisher='true' (one sampled label per sample), "
+        "a smaller batch, or a larger memory_budget.")

@@ -63,3 +63,13 @@ def test_both_caches_give_the_reference_step_through_fit(float64, length, cache)
     conv = keras.layers.Conv1D(24, 5, activation="tanh")
     opt = one_step_matches_reference(conv_model(conv, (length, 10)), x, y)
     assert opt.treatments()[conv.kernel.path].endswith(f"caches {cache})")
+
+
+def test_a_repeated_gram_beyond_the_budget_is_refused_naming_the_layer():
+    """fisher="exact": 512 rows fit in 2 MiB (exactly), 513 do not; one row per sample (repeats
+    1) and a dynamic capacity are never refused here."""
+    cost.check_repeated_gram("dense", 512, 4, 2 * 2**20)
+    with pytest.raises(ValueError, match=r"layer 'dense'.*513 × 513 Gram.*memory_budget=2097152"):
+        cost.check_repeated_gram("dense", 513, 4, 2 * 2**20)
+    cost.check_repeated_gram("dense", 10**6, 1, 2**20)
+    cost.check_repeated_gram("dense", None, 4, 2**20)
