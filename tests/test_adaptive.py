@@ -258,6 +258,21 @@ def test_small_blocks_keep_their_explicit_inverse_under_adaptive_damping(float64
         opt.treatments()[model.layers[0].kernel.path])
 
 
+def test_under_adaptive_damping_only_blocks_up_to_4m_keep_their_inverse(float64, direct_inverse):
+    """At m = 4 the first layer (d = 24 > 4m) keeps the factored cache and the second (d = 15)
+    its inverse: the steps of the mix match the float64 simulation, and the summary says which
+    is which. With a fixed damping both keep their inverse (no λ to rebuild it for)."""
+    check_against_simulation(m=4, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5)
+    for adaptive, first in ((True, "factors"), (False, "the explicit inverse")):
+        model = mlp()
+        opt = TENGraD(fisher="empirical", adaptive_damping=adaptive)
+        model.compile(optimizer=opt, loss=sce())
+        model.train_on_batch(*data(4))
+        treatments = opt.treatments()
+        assert f"caches {first}" in treatments[model.layers[0].kernel.path]
+        assert "caches the explicit inverse" in treatments[model.layers[1].kernel.path]
+
+
 def test_subspace_solves_the_two_by_two_system():
     g = [tf.constant([1.0, -2.0], tf.float64)]
     d = [tf.constant([0.5, 0.25], tf.float64)]

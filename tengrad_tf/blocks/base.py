@@ -19,11 +19,11 @@ from tengrad_tf.blocks.cache import Cache, cache_layout, capacity_for
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.blocks.protocol import CurvatureBlock
 
-#: Blocks with at most this many parameters (d, e.g. D_in·D_out) cache the explicit d × d inverse
-#: (F + λI)⁻¹, float64, at most 8 MiB: it is computed on update steps by a direct d × d Cholesky
-#: when the batch has at least d samples (cheaper than the m × m Woodbury solve then) and through
-#: Woodbury otherwise, and a step between updates is one d × d product instead of the factored
-#: Uᵀv, solve and U s. Tests set it to 0 to exercise the factored caches on tiny layers.
+#: Blocks with at most this many parameters (d) cache the explicit d × d inverse (F + λI)⁻¹ in
+#: float64, ≤ 8 MiB (under adaptive damping only for d ≤ 4m, cost.keeps_inverse): computed on update
+#: steps by a direct d × d Cholesky when the batch has at least d samples and through Woodbury
+#: otherwise, so that a step between updates is one d × d product instead of the factored Uᵀv,
+#: solve and U s. Tests set it to 0 to exercise the factored caches on tiny layers.
 DIRECT_MAX_DIM = 1024
 
 
@@ -95,13 +95,17 @@ class FisherBlock(CurvatureBlock):
         return None if self._cache is None else self._cache.capacity
 
     # ---- cost model (cost.py) --------------------------------------------------------------------
-    def cache_kind(self, p: int | None) -> CacheKind:
-        """What to keep between curvature updates (cost.cache_kind). Small blocks
-        (d ≤ DIRECT_MAX_DIM) cache their explicit inverse, unless the block is part of the
-        network's one solve or keeps several batches (the window's samples must be kept). Under
-        adaptive damping their per-sample gradients J are kept beside it: the exact quadratic
-        model projects on them, and a new λ rebuilds the inverse from them (`refactor`)."""
-        inverse = self.helper.size <= DIRECT_MAX_DIM and not (
+    def cache_kind(self, p: int | None, capacity: int | None = None) -> CacheKind:
+        """What to keep between curvature updates (cost.cache_kind). Small blocks cache their
+        explicit inverse (cost.keeps_inverse), unless the block is part of the network's one
+        solve or keeps several batches (the window's samples must be kept). Under adaptive
+        damping their per-sample gradients J are kept beside it: the exact quadratic model
+        projects on them, and a new λ rebuilds the inverse from them (`refactor`). `capacity`:
+        the cache's samples (default: the prepared cache's)."""
+        capacity = self.capacity if capacity is None else capacity
+        rows = None if capacity is None else capacity * self.input_repeats
+        inverse = cost.keeps_inverse(self.helper.size, DIRECT_MAX_DIM, rows,
+                                     self.adaptive_damping) and not (
             self.joint or self.curvature_batches > 1)
         return cost.cache_kind(self.helper, p, inverse)
 
@@ -111,7 +115,8 @@ class FisherBlock(CurvatureBlock):
 
     def describe(self, inputs_shape) -> str:
         p = self.helper.positions(inputs_shape)
-        cache = self.cache_kind(p)
+        cache = self.cache_kind(p, self.capacity or capacity_for(
+            self.layer.name, inputs_shape[0], self.max_batch_size, self.curvature_batches))
         route = cost.route(self.helper.size, cache, self.factored_threshold(p, cache))
         kept = cache.value + (", with J for the adaptive damping"
                               if cache is CacheKind.INVERSE and self.adaptive_damping else "")
@@ -130,7 +135,7 @@ class FisherBlock(CurvatureBlock):
         capacity = capacity_for(self.layer.name, inputs[0].shape[0], self.max_batch_size,
                                 self.curvature_batches)
         cost.check_repeated_gram(self.layer.name, capacity, self.input_repeats, self.memory_budget)
-        fields = cache_layout(self.helper, self.cache_kind(p), capacity, p,
+        fields = cache_layout(self.helper, self.cache_kind(p, capacity), capacity, p,
                               adaptive_damping=self.adaptive_damping, joint=self.joint,
                               window=self.curvature_batches > 1)
         self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size, ones=("damping",))
@@ -314,14 +319,10 @@ class FisherBlock(CurvatureBlock):
                 return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), h.matrix_shape))
         v = h.to_matrix(grads)
         utv = self._project(c, v)
-
-        def u_times(s):
-            return self._combine(c, s)
-
         with tf.name_scope("tengrad_solve"):
             damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
-            return h.from_matrix(woodbury.inverse_times(v, utv, u_times, damped,
-                                                        jit=self.jit_solve))
+            return h.from_matrix(woodbury.inverse_times(
+                v, utv, lambda s: self._combine(c, s), damped, jit=self.jit_solve))
 
     def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
         """Uᵀv (m, 1) for v shaped like this block's variables, with the per-sample gradients U
@@ -329,7 +330,6 @@ class FisherBlock(CurvatureBlock):
         of adaptive.py is made of these."""
         return self._project(curvature, self.helper.to_matrix(vectors))
 
-    # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
     def _project(self, c: dict[str, tf.Tensor], v: tf.Tensor) -> tf.Tensor:
         """Uᵀv (m, 1) from the cache, for v as the block's matrix."""
         with tf.name_scope("tengrad_project"):

@@ -41,6 +41,25 @@ J_POSITIONS = 12
 J_MEMORY_RATIO = 8
 
 
+# Under adaptive damping a new λ rebuilds a small block's explicit inverse from its J (m·d² products
+# through the Gram), where a factored cache refactorizes its m × m Gram (m³/3). On MobileNetV2 (105
+# blocks, m = 128) that took 130 ms at every change of λ with the inverse kept up to d = 1,024,
+# against 29 ms with none kept. So under adaptive damping the inverse is kept only for d ≤ this
+# times m: about where its one d × d product per step stops beating the factored Uᵀv, solve and
+# U s (measured crossovers: d ≈ 150 at m = 32, 550 at m = 128; docs/performance.md, "The explicit
+# inverse under adaptive damping").
+ADAPTIVE_INVERSE_RATIO = 4
+
+
+def keeps_inverse(size: int, limit: int, rows: int | None, adaptive_damping: bool) -> bool:
+    """Whether a block of `size` parameters caches its explicit inverse: d ≤ `limit`
+    (blocks.base.DIRECT_MAX_DIM) and, under adaptive damping with a known number of Gram `rows`
+    m, d ≤ ADAPTIVE_INVERSE_RATIO·m too."""
+    if size > limit:
+        return False
+    return not (adaptive_damping and rows is not None and size > ADAPTIVE_INVERSE_RATIO * rows)
+
+
 def cache_kind(helper, p: int | None, inverse: bool) -> CacheKind:
     """What to keep between curvature updates. `inverse`: the block may keep its explicit inverse
     (it is small, and nothing needs its per-sample gradients between updates). Kronecker layers

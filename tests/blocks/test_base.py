@@ -60,6 +60,14 @@ def test_threshold_picks_the_inverse_only_for_small_blocks(direct_inverse):
     assert FisherBlock(small).cache_kind(1) is CacheKind.INVERSE
     assert FisherBlock(large).cache_kind(1) is CacheKind.FACTORS
     assert base.DIRECT_MAX_DIM == 1024
+    # Under adaptive damping a new λ rebuilds the inverse: only up to d ≤ 4m (cost.keeps_inverse).
+    adaptive = FisherBlock(small, adaptive_damping=True)
+    assert adaptive.cache_kind(1, capacity=256) is CacheKind.INVERSE
+    assert adaptive.cache_kind(1, capacity=255) is CacheKind.FACTORS
+    assert adaptive.cache_kind(1) is CacheKind.INVERSE  # a dynamic batch: d ≤ DIRECT_MAX_DIM
+    assert FisherBlock(small).cache_kind(1, capacity=8) is CacheKind.INVERSE
+    adaptive.input_repeats = 10  # fisher="exact": C rows per sample, m = 10·capacity
+    assert adaptive.cache_kind(1, capacity=26) is CacheKind.INVERSE
 
 
 @pytest.mark.parametrize("freq", [1, 2])

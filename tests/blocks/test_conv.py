@@ -68,7 +68,7 @@ def test_conv1d_block_is_exact(float64, padding, strides, dilation, bias):
 def test_both_gram_routes_and_both_caches_are_exact(float64, monkeypatch, threshold, cache):
     """Force route F / route E and each cache kind, over several steps of curvature reuse."""
     monkeypatch.setattr(FisherBlock, "factored_threshold", lambda self, p, c: threshold)
-    monkeypatch.setattr(FisherBlock, "cache_kind", lambda self, p: cache)
+    monkeypatch.setattr(FisherBlock, "cache_kind", lambda self, p, capacity=None: cache)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(6, 5, 5, 2))
     y = rng.integers(0, 3, size=6)

@@ -73,3 +73,12 @@ def test_a_repeated_gram_beyond_the_budget_is_refused_naming_the_layer():
         cost.check_repeated_gram("dense", 513, 4, 2 * 2**20)
     cost.check_repeated_gram("dense", 10**6, 1, 2**20)
     cost.check_repeated_gram("dense", None, 4, 2**20)
+
+
+def test_keeps_inverse_bounds_small_blocks_by_the_batch_only_under_adaptive_damping():
+    assert cost.ADAPTIVE_INVERSE_RATIO == 4
+    assert cost.keeps_inverse(512, 1024, 128, adaptive_damping=True)
+    assert not cost.keeps_inverse(513, 1024, 128, adaptive_damping=True)
+    assert cost.keeps_inverse(1024, 1024, 128, adaptive_damping=False)
+    assert cost.keeps_inverse(1024, 1024, None, adaptive_damping=True)  # dynamic batch
+    assert not cost.keeps_inverse(1025, 1024, 4096, adaptive_damping=True)
