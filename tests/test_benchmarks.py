@@ -585,3 +585,24 @@ def test_kfac_inverse_methods_agree_and_are_timed(tmp_path):
     assert row["max_relative_difference"] < 1e-4  # the same inverse, float32
     assert all(len(t) == 1 and t[0] > 0 for t in row["seconds"].values())
     assert (tmp_path / "kfac_inverse.md").read_text() == kfac_inverse.markdown_table(report)
+
+
+# ----------------------------------------------------------------------------- refactor_cost.py
+
+
+def test_refactor_cost_times_each_rule_for_which_blocks_keep_their_inverse(tmp_path):
+    """The Transformer encoder at batch 128: of its 11 blocks, 3 have d ≤ 1,024 and 2 of them
+    d ≤ 4m; "none" keeps no inverse. The module's rules are restored afterwards."""
+    from benchmarks import refactor_cost
+    from tengrad_tf.blocks import base, cost
+
+    report = refactor_cost.main(["--models", "transformer", "--repeats", "1", "--out",
+                                 str(tmp_path)])
+    rows = json.loads((tmp_path / "refactor_cost.json").read_text())["results"]
+    kinds = {r["rule"]: r["blocks"] for r in rows}
+    assert kinds["d<=1024"] == {"inverse": 3, "factored": 8}
+    assert kinds["d<=4m"] == {"inverse": 2, "factored": 9}
+    assert kinds["none"] == {"factored": 11}
+    assert all(len(r["seconds"]) == 1 and r["median_seconds"] > 0 for r in rows)
+    assert (tmp_path / "refactor_cost.md").read_text() == refactor_cost.markdown_table(report)
+    assert (base.DIRECT_MAX_DIM, cost.ADAPTIVE_INVERSE_RATIO) == (0, 4)  # conftest's, and 4
