@@ -43,11 +43,11 @@ J_MEMORY_RATIO = 8
 
 # Under adaptive damping a new λ rebuilds a small block's explicit inverse from its J (m·d² products
 # through the Gram), where a factored cache refactorizes its m × m Gram (m³/3). On MobileNetV2 (105
-# blocks, m = 128) that took 130 ms at every change of λ with the inverse kept up to d = 1,024,
-# against 29 ms with none kept. So under adaptive damping the inverse is kept only for d ≤ this
-# times m: about where its one d × d product per step stops beating the factored Uᵀv, solve and
-# U s (measured crossovers: d ≈ 150 at m = 32, 550 at m = 128; docs/performance.md, "The explicit
-# inverse under adaptive damping").
+# blocks, m = 128) every change of λ took 158 ms with the inverse kept up to d = 1,024, 96 ms with
+# this bound and 38 ms with none kept (benchmarks/refactor_cost.py). So under adaptive damping the
+# inverse is kept only for d ≤ this times m: about where its one d × d product per step stops
+# beating the factored Uᵀv, solve and U s (measured crossovers: d ≈ 150 at m = 32, 550 at
+# m = 128; docs/performance.md, "The explicit inverse under adaptive damping").
 ADAPTIVE_INVERSE_RATIO = 4
 
 
