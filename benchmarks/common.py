@@ -139,6 +139,20 @@ def write_report(out: str | Path, report: dict, table: Callable[[dict], str]) ->
 # ------------------------------------------------------------------------------ optimizers
 
 
+def time_interleaved(functions: dict[str, Callable], repeats: int,
+                     argument: Callable[[int], Any]) -> dict[str, list[float]]:
+    """Seconds of each call of each (already traced) function, `repeats` rounds with the functions
+    interleaved in each, so that machine noise hits them alike; round i calls fn(argument(i)) and
+    waits for the tensor it returns."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for i in range(repeats):
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn(argument(i)).numpy()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def make_optimizer(name: str) -> keras.optimizers.Optimizer:
     """The optimizer a step benchmark names (see the module docstring). TENGraD and K-FAC take the
     paper's lr 0.003 and damping 0.1: the rate does not change a step's cost."""

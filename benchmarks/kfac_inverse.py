@@ -22,7 +22,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -31,7 +30,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from benchmarks.common import RESULTS, git_commit, report_header, write_report  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS, git_commit, report_header, time_interleaved, write_report)
 from tengrad_tf.blocks.kronecker import KroneckerBlock  # noqa: E402
 from tengrad_tf.kfac import INVERSE_METHODS  # noqa: E402
 
@@ -65,12 +65,7 @@ def main(argv=None):
         # Both methods invert the same matrix: their results agree (float32, moderate condition).
         difference = float(tf.reduce_max(tf.abs(results["eigh"] - results["cholesky"])))
         scale = float(tf.reduce_max(tf.abs(results["eigh"])))
-        times = {method: [] for method in INVERSE_METHODS}
-        for _ in range(args.repeats):
-            for method, fn in functions.items():
-                start = time.perf_counter()
-                fn(factor).numpy()
-                times[method].append(time.perf_counter() - start)
+        times = time_interleaved(functions, args.repeats, lambda _: factor)
         medians = {method: statistics.median(t) for method, t in times.items()}
         faster = min(medians, key=medians.get)
         rows.append({"size": n, "seconds": times, "median_seconds": medians, "faster": faster,

@@ -27,7 +27,6 @@ import collections
 import os
 import statistics
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -35,7 +34,8 @@ import tensorflow as tf  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.common import (  # noqa: E402
-    BATCH, RESULTS, STEP_MODELS, Runner, git_commit, report_header, write_report)
+    BATCH, RESULTS, STEP_MODELS, Runner, git_commit, report_header, time_interleaved,
+    write_report)
 from tengrad_tf import TENGraD  # noqa: E402
 from tengrad_tf.blocks import base, cost  # noqa: E402
 
@@ -43,8 +43,8 @@ from tengrad_tf.blocks import base, cost  # noqa: E402
 RULES = {"d<=1024": (1024, 10**9), "d<=4m": (1024, 4), "none": (0, 4)}
 
 
-def prepared(model_name: str, rule: str) -> tuple[Runner, list]:
-    """The model trained 3 steps with its blocks' caches chosen by `rule`, and its blocks."""
+def prepared(model_name: str, rule: str) -> list:
+    """The blocks of the model trained 3 steps, their caches chosen by `rule`."""
     saved = base.DIRECT_MAX_DIM, cost.ADAPTIVE_INVERSE_RATIO
     base.DIRECT_MAX_DIM, cost.ADAPTIVE_INVERSE_RATIO = RULES[rule]
     try:  # the cache kind is chosen when a block is prepared, in the first step
@@ -53,7 +53,7 @@ def prepared(model_name: str, rule: str) -> tuple[Runner, list]:
         runner.run(3)
     finally:
         base.DIRECT_MAX_DIM, cost.ADAPTIVE_INVERSE_RATIO = saved
-    return runner, optimizer._curvature_holders()
+    return optimizer._curvature_holders()
 
 
 def main(argv=None):
@@ -69,18 +69,15 @@ def main(argv=None):
     for model_name in args.models:
         functions, kinds = {}, {}
         for rule in args.rules:
-            _, blocks = prepared(model_name, rule)
+            blocks = prepared(model_name, rule)
             kinds[rule] = dict(collections.Counter(
                 "inverse" if "inverse" in b.state_variables else "factored" for b in blocks))
             functions[rule] = tf.function(
                 lambda lam, blocks=blocks: tf.add_n([b.refactor(lam) for b in blocks]))
             functions[rule](tf.constant(0.2, tf.float64))  # traced, untimed
-        times = {rule: [] for rule in args.rules}
-        for i in range(args.repeats):
-            for rule, refactor in functions.items():
-                start = time.perf_counter()
-                refactor(tf.constant(0.3 + 0.01 * i, tf.float64)).numpy()
-                times[rule].append(time.perf_counter() - start)
+        # A new λ in every round: each call refactorizes for a value not seen before.
+        times = time_interleaved(functions, args.repeats,
+                                 lambda i: tf.constant(0.3 + 0.01 * i, tf.float64))
         for rule in args.rules:
             rows.append({"model": model_name, "rule": rule, "batch": BATCH, "blocks": kinds[rule],
                          "seconds": times[rule], "median_seconds": statistics.median(times[rule])})
