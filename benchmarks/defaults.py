@@ -8,6 +8,10 @@ Models (batch 128):
                models.text_cnn: Embedding(64) + Conv1D(128, 5) + GlobalMaxPool + Dense
   transformer  the same task, models.transformer_classifier: one Transformer encoder block
                (token and position embeddings, 4 heads, LayerNorm, FFN 128, pooling)
+  dropout_cnn  (only with --models) Fashion-MNIST, Conv(32)-BN-ReLU-pool, Conv(64)-BN-ReLU-pool,
+               Dropout 0.25, global average pooling, Dense(64), Dropout 0.25, Dense: random
+               layers, whose masks adaptive damping's replayed loss must draw again as the step
+               did (tengrad_tf/replay.py)
 Every run trains the same initialization (per seed) for `--seconds` of wall-clock training time,
 the first step's tracing included (a user's clock includes it); the clock stops while the test set
 is evaluated at the end. Within a seed the optimizers run interleaved, so machine noise hits them
@@ -41,7 +45,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.common import RESULTS, git_commit, report_header, write_report  # noqa: E402
 from tengrad_tf import TENGraD, data, models  # noqa: E402
 
-MODELS = ("mlp", "cnn", "textcnn", "transformer")
+MODELS = ("mlp", "cnn", "textcnn", "transformer")  # the committed study
+EXTRA_MODELS = ("dropout_cnn",)
 TEXT = dict(vocab_size=2000, length=40, classes=4)
 BASELINES = {"Adam(1e-3)": lambda: keras.optimizers.Adam(1e-3),
              "SGD(0.03, 0.9)": lambda: keras.optimizers.SGD(0.03, momentum=0.9)}
@@ -84,6 +89,15 @@ def build(model_name):
                                  keras.layers.Dense(10)])
     if model_name == "cnn":
         return models.build_model("3c1f", (28, 28, 1), 10, width=32, hidden=128)
+    if model_name == "dropout_cnn":
+        layers = keras.layers
+        return keras.Sequential([
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(32, 3, padding="same"), layers.BatchNormalization(), layers.ReLU(),
+            layers.MaxPooling2D(),
+            layers.Conv2D(64, 3, padding="same"), layers.BatchNormalization(), layers.ReLU(),
+            layers.MaxPooling2D(), layers.Dropout(0.25), layers.GlobalAveragePooling2D(),
+            layers.Dense(64, activation="relu"), layers.Dropout(0.25), layers.Dense(10)])
     text = dict(vocabulary=TEXT["vocab_size"], length=TEXT["length"],
                 num_classes=TEXT["classes"])
     if model_name == "textcnn":
@@ -93,7 +107,7 @@ def build(model_name):
 
 def datasets(model_name, data_dir=None):
     """(train, test) tf.data pipelines, batch 128; the training set repeats."""
-    if model_name in ("mlp", "cnn"):
+    if model_name in ("mlp", "cnn", "dropout_cnn"):
         return (data.load("fashion_mnist", "train", 128, data_dir=data_dir, seed=0).repeat(),
                 data.load("fashion_mnist", "test", 1000, data_dir=data_dir))
     x, y = data.synthetic_text(20000, seed=1, **TEXT)
@@ -123,7 +137,7 @@ def run(model_name, optimizer, train, test, seconds, seed):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS + EXTRA_MODELS)
     parser.add_argument("--seconds", type=float, default=15.0, help="training seconds per run")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS),

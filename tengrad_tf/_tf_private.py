@@ -47,3 +47,14 @@ def is_compile_loss(loss) -> bool:
     Capture records the per-output losses inside it, not the container: those are the ones whose
     predictive distribution the true Fisher samples from. CompileLoss is not public API."""
     return isinstance(loss, CompileLoss)
+
+
+def seed_generator_states(model) -> list:
+    """The state variables of the `keras.random.SeedGenerator`s that `model`'s layers draw their
+    random numbers from (Dropout's masks, GaussianNoise, the random augmentation layers).
+
+    A layer's next draw is a function of this state alone (Keras's random ops are stateless ops
+    seeded from it), so the loss replay sets it back to reproduce the step's own draws. Keras
+    tracks the states among the model's non-trainable variables under a fixed name, but has no
+    public accessor for them."""
+    return [v for v in model.non_trainable_variables if v.name == "seed_generator_state"]

@@ -229,12 +229,16 @@ def _capturing_model_call(original: Callable) -> Callable:
         depth = getattr(_state, "model_depth", 0)
         if depth or not _tf_private.tape_is_recording() or current_record().frozen:
             return original(self, *args, **kwargs)
+        # Read before the call, which advances them (ops on one variable run in program order).
+        random_states = tuple((v, tf.identity(v.value))
+                              for v in _tf_private.seed_generator_states(self))
         _state.model_depth = depth + 1
         try:
             outputs = original(self, *args, **kwargs)
         finally:
             _state.model_depth = depth
-        current_record().model_calls.append(ModelCall(weakref.ref(self), args, kwargs, outputs))
+        current_record().model_calls.append(
+            ModelCall(weakref.ref(self), args, kwargs, outputs, random_states))
         return outputs
 
     return __call__

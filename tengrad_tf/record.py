@@ -82,6 +82,9 @@ class ModelCall:
     args: tuple
     kwargs: dict
     outputs: Any
+    # (state variable, its value before the call) of each random-number generator the model's
+    # layers draw from: the replay draws the same Dropout masks and noise as the step did.
+    random_states: tuple = ()
 
     @property
     def model(self):

@@ -216,6 +216,22 @@ def main(argv=None):
             results["unsupported_error"] = np.array("no error")
         except Exception as error:  # noqa: BLE001 - the test checks type and message
             results["unsupported_error"] = np.array(f"{type(error).__name__}: {error}")
+        # Each replica replays the loss with its own Dropout masks (replay.py): ρ of a tiny step
+        # is 1 as without Dropout, which fresh masks would put in the hundreds.
+        with strategy.scope():
+            model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="tanh"),
+                                      keras.layers.Dropout(0.5), keras.layers.Dense(3)])
+            optimizer = tengrad_tf.TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None,
+                                           fisher="empirical", damping_adaptation_interval=1)
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(
+                from_logits=True))
+        rng = np.random.default_rng(3)
+        ratios = []
+        for _ in range(4):
+            model.fit(rng.normal(size=(16, 5)), rng.integers(0, 3, 16), batch_size=16,
+                      verbose=0, shuffle=False)
+            ratios.append(float(optimizer.reduction_ratio.numpy()))
+        results["dropout_reduction_ratios"] = np.array(ratios)
     results["replicas"] = np.array(strategy.num_replicas_in_sync)
     np.savez(args.out, **results)
     return 0

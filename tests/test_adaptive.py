@@ -169,6 +169,29 @@ def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64)
     assert int(opt.check_interval.numpy()) == 2 and opt.damping_variable.numpy() > 0.5
 
 
+@pytest.mark.parametrize("run_eagerly", [False, True])
+def test_the_replay_draws_the_steps_own_dropout_masks_and_noise(float64, run_eagerly):
+    """h(θ + s) is replayed with the step's own random draws (replay.py). With Dropout and
+    GaussianNoise, a step small enough for its loss change to be the quadratic model's first-order
+    prediction gives ρ ≈ 1 at every check, as without them. With fresh draws in the replay, the
+    change of mask dominated h(θ + s) − h(θ): ρ was in the hundreds or negative."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(16, activation="tanh"),
+                              keras.layers.Dropout(0.5), keras.layers.GaussianNoise(0.3),
+                              keras.layers.Dense(3)])
+    x, y = data(8 * 12)
+    opt = TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None, fisher="empirical",
+                  damping_adaptation_interval=1)
+    model.compile(optimizer=opt, loss=sce(), run_eagerly=run_eagerly)
+    before = [v.numpy().copy() for v in model.trainable_variables]
+    ratios = []
+    for t in range(12):
+        model.train_on_batch(x[8 * t:8 * t + 8], y[8 * t:8 * t + 8])
+        ratios.append(float(opt.reduction_ratio.numpy()))
+    np.testing.assert_allclose(ratios, 1.0, atol=1e-2)
+    assert int(opt.rejected_steps.numpy()) == 0
+    assert not all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
+
+
 def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_it():
     """The rule itself (adaptive.DampingAdaptation._adapt), on chosen ρ = (h1 − h0) / M(s) with
     M(s) = −1 and λ₀ = 0.1 (interval 5): a check that leaves λ where it was and finds ρ ≥ ¼ doubles

@@ -72,3 +72,23 @@ def test_compile_loss_is_the_container_compile_builds():
     containers = [v for v in vars(model).values() if _tf_private.is_compile_loss(v)]
     assert len(containers) == 1  # compile built one, and it is recognized
     assert not _tf_private.is_compile_loss(keras.losses.MeanSquaredError())
+
+
+def test_seed_generator_states_are_the_random_layers_states_and_rewinding_repeats_a_draw():
+    import keras
+    import numpy as np
+
+    model = keras.Sequential([keras.Input((6,)), keras.layers.BatchNormalization(),
+                              keras.layers.Dense(4), keras.layers.Dropout(0.5),
+                              keras.layers.GaussianNoise(1.0)])
+    states = _tf_private.seed_generator_states(model)
+    assert len(states) == 2  # Dropout's and GaussianNoise's, not BatchNorm's statistics
+    x = np.random.default_rng(0).normal(size=(3, 6)).astype("float32")
+    before = [v.numpy() for v in states]
+    first = model(x, training=True).numpy()
+    assert not np.array_equal(model(x, training=True).numpy(), first)  # the states advanced
+    for v, value in zip(states, before):
+        v.assign(value)
+    np.testing.assert_array_equal(model(x, training=True).numpy(), first)
+    plain = keras.Sequential([keras.Input((6,)), keras.layers.Dense(4)])
+    assert _tf_private.seed_generator_states(plain) == []
