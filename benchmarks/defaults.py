@@ -12,6 +12,8 @@ Models (batch 128):
                Dropout 0.25, global average pooling, Dense(64), Dropout 0.25, Dense: random
                layers, whose masks adaptive damping's replayed loss must draw again as the step
                did (tengrad_tf/replay.py)
+  lstm         (only with --models) the text task, Embedding(64) + LSTM(32) + Dense: its LSTM
+               has no Fisher block and takes the first-order step (first_order="adam")
 Every run trains the same initialization (per seed) for `--seconds` of wall-clock training time,
 the first step's tracing included (a user's clock includes it); the clock stops while the test set
 is evaluated at the end. Within a seed the optimizers run interleaved, so machine noise hits them
@@ -46,7 +48,7 @@ from benchmarks.common import RESULTS, git_commit, report_header, write_report  
 from tengrad_tf import TENGraD, data, models  # noqa: E402
 
 MODELS = ("mlp", "cnn", "textcnn", "transformer")  # the committed study
-EXTRA_MODELS = ("dropout_cnn",)
+EXTRA_MODELS = ("dropout_cnn", "lstm")
 TEXT = dict(vocab_size=2000, length=40, classes=4)
 BASELINES = {"Adam(1e-3)": lambda: keras.optimizers.Adam(1e-3),
              "SGD(0.03, 0.9)": lambda: keras.optimizers.SGD(0.03, momentum=0.9)}
@@ -98,6 +100,10 @@ def build(model_name):
             layers.Conv2D(64, 3, padding="same"), layers.BatchNormalization(), layers.ReLU(),
             layers.MaxPooling2D(), layers.Dropout(0.25), layers.GlobalAveragePooling2D(),
             layers.Dense(64, activation="relu"), layers.Dropout(0.25), layers.Dense(10)])
+    if model_name == "lstm":
+        return keras.Sequential([keras.Input((TEXT["length"],), dtype="int32"),
+                                 keras.layers.Embedding(TEXT["vocab_size"], 64),
+                                 keras.layers.LSTM(32), keras.layers.Dense(TEXT["classes"])])
     text = dict(vocabulary=TEXT["vocab_size"], length=TEXT["length"],
                 num_classes=TEXT["classes"])
     if model_name == "textcnn":

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tengrad_tf import distribute, output_grads
-from tengrad_tf.first_order import FIRST_ORDER_DAMPED
+from tengrad_tf import distribute, first_order, output_grads
+from tengrad_tf.first_order import FIRST_ORDER_DAMPED, FIRST_ORDER_SGD
 from tengrad_tf.step import Step
 
 
@@ -122,7 +122,20 @@ class Directions:
         # Read by update_step, which Keras's apply calls later in the same trace.
         self._first_order_indices = frozenset(
             self._get_variable_index(step.variables[i]) for i in step.first_order)
-        if self.first_order == FIRST_ORDER_DAMPED:
-            for i in step.first_order:
-                directions[i] = grads[i] / tf.cast(self.damping, grads[i].dtype)
+        for i in step.first_order:
+            if self.first_order == FIRST_ORDER_DAMPED:  # F = 0: (F + λI)⁻¹g at the current λ
+                directions[i] = grads[i] / tf.cast(self._current_damping(), grads[i].dtype)
+            elif self.first_order == FIRST_ORDER_SGD:
+                directions[i] = grads[i] * self._first_order_trust(grads[i].dtype)
         step.directions = directions
+
+    def _current_damping(self):
+        """λ of this step: the adapted one under adaptive damping, else the fixed one."""
+        return self.damping_variable if self.adaptive_damping else self.damping
+
+    def _first_order_trust(self, dtype):
+        """The share of its step a variable without a block takes (first_order.trust): min(1,
+        λ₀/λ) under adaptive damping, 1 with a fixed one."""
+        if not self.adaptive_damping:
+            return tf.constant(1.0, dtype)
+        return first_order.trust(self.damping, self.damping_variable, dtype)

@@ -2,7 +2,14 @@
 
 A variable no block covers (an LSTM's weights, a custom layer's) takes Keras's Adam under
 first_order="adam" (the default), or the heavy-ball step of the preconditioned variables with
-d = g ("sgd") or d = g/λ ("damped": a block with F = 0, the damped Fisher's null space). Which
+d = g ("sgd") or d = g/λ ("damped": a block with F = 0, the damped Fisher's null space).
+
+Under adaptive damping λ bounds every variable's step, not only the preconditioned ones': "damped"
+divides by the adapted λ, and the other two rules take min(1, λ₀/λ) of their step (`trust`), as
+the null space of a block does (its step is g/λ). When λ bounded only the blocks, a loss increase
+caused by Adam's step raised λ tenfold without making the next step any smaller: on an LSTM text
+classifier λ rose from 0.1 to 6,000, freezing the preconditioned layers, while steps kept being
+taken back (docs/step.md, "Variables without a block under adaptive damping"). Which
 variables those are is decided when the step is bound (binding.py); this module only has the math,
 written once for the step itself and for Adam's term in the quadratic model (adaptive.adam_model).
 """
@@ -43,3 +50,11 @@ def adam_moments(gradient, m, v, eta, dtype):
     step = ops.divide(ops.multiply(m_new, eta),
                       ops.add(ops.sqrt(v_new), _const(ADAM_EPSILON, dtype)))
     return m_new, v_new, step
+
+
+def trust(initial_damping, damping, dtype):
+    """min(1, λ₀/λ): the share of its step that a variable without a block takes once adaptive
+    damping has raised λ above its initial value λ₀ (learning_rate="auto" lets λ fall below λ₀;
+    the step is then not enlarged)."""
+    ratio = _const(initial_damping, tf.float64) / ops.cast(damping, tf.float64)
+    return ops.cast(ops.minimum(ratio, _const(1.0, tf.float64)), dtype)

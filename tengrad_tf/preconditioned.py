@@ -193,10 +193,12 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
 
     def _adam_rate(self, learning_rate, dtype=tf.float64):
         """Adam's bias-corrected rate of this step at first_order_learning_rate, which follows the
-        learning rate in proportion, η(t) = first_order_learning_rate · lr(t) / lr(0)."""
+        learning rate in proportion, η(t) = first_order_learning_rate · lr(t) / lr(0), times
+        `_first_order_trust` (the step and Adam's term of the quadratic model both use it)."""
         return first_order.adam_rate(
             self.iterations, learning_rate,
-            self.first_order_learning_rate / self._reference_learning_rate, dtype)
+            self.first_order_learning_rate / self._reference_learning_rate,
+            dtype) * self._first_order_trust(dtype)
 
     def _adam_moments(self, gradient, m, v, learning_rate, dtype):
         """(new first moment, new second moment, the step θ − θ_new) of Adam (first_order.py)."""
