@@ -23,6 +23,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from tengrad_tf import _tf_private
+
 SOLVE_DTYPE = tf.float64
 
 
@@ -117,13 +119,23 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6, samples=Non
     m_float = tf.cast(m, SOLVE_DTYPE) if samples is None else _as_solve_dtype(samples)
     d_float = tf.cast(d, SOLVE_DTYPE)
     lam0 = _as_solve_dtype(damping)
-    direct = m >= d
+    static = u.shape[0] is not None and u.shape[1] is not None
+    if static or _tf_private.in_xla_context():
+        # The solve is chosen while tracing: XLA cannot compile the conds below, whose branches
+        # return matrices of different shapes. Under XLA with a batch size unknown while tracing
+        # it is the direct one, exact for any m (d³/3 instead of m³/3).
+        direct = u.shape[0] >= u.shape[1] if static else True
+
+        def select(_, direct_branch, gram_branch):
+            return direct_branch() if direct else gram_branch()
+    else:
+        direct, select = m >= d, tf.cond
     # One factorization between two loop-free conds, not one per branch: when the batch size is
     # static, grappler folds `direct` and prunes a branch, and a pruned branch holding the retry
     # while-loop breaks its topological sort, after which it leaves the whole step unoptimized.
     # Direct: (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹, and factorize damps with (its size)·λ, so λ·m/d.
     # Through the Gram, the diagonal takes m·λ for the m real samples (zero rows stay outside).
-    matrix, lam, size = tf.cond(
+    matrix, lam, size = select(
         direct, lambda: (tf.matmul(u, u, transpose_a=True), lam0 * m_float / d_float, d_float),
         lambda: (tf.matmul(u, u, transpose_b=True), lam0, m_float))
     damped = factorize(matrix, lam, max_retries, samples=size)
@@ -136,7 +148,7 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6, samples=Non
         correction = tf.matmul(u, tf.linalg.cholesky_solve(damped.cholesky, u), transpose_a=True)
         return (tf.eye(d, dtype=SOLVE_DTYPE) - correction) / damped.damping, damped.damping
 
-    inverse, lam = tf.cond(direct, direct_inverse, through_gram)
+    inverse, lam = select(direct, direct_inverse, through_gram)
     return DampedInverse(0.5 * (inverse + tf.transpose(inverse)), lam, damped.retries)
 
 

@@ -338,8 +338,8 @@ def test_xla_in_fit_without_max_batch_size_says_what_to_do():
         model.fit(x, y, batch_size=8, epochs=1, verbose=0)
 
 
-def _fit_weights(init, x, y, jit_compile, epochs=2, **kw):
-    model = mlp()
+def _fit_weights(init, x, y, jit_compile, epochs=2, shape=None, **kw):
+    model = mlp(**(shape or {}))
     model.set_weights(init)
     opt = TENGraD(learning_rate=0.1, damping=0.05, momentum=0.5, curvature_update_freq=2, seed=1,
                   **kw)
@@ -366,6 +366,22 @@ def test_xla_fit_with_max_batch_size_matches_the_uncompiled_run(float64, monkeyp
         assert block.state_variables["cholesky"].shape == (8, 8)  # fixed capacity
     for block in plain_opt._blocks.values():
         assert block.state_variables["cholesky"].shape.as_list() == [None, None]  # dynamic
+
+
+def test_xla_fit_with_small_blocks_keeping_their_inverse_matches_the_uncompiled_run(
+        float64, direct_inverse):
+    """Small blocks keep their explicit inverse under adaptive damping (d ≤ 4m), built by the direct
+    d × d solve when the 8-sample cache has m ≥ d (the first Dense, d = 6) and through the m × m
+    Gram otherwise (the second, d = 9). Under XLA the solve is chosen while tracing: a cond
+    between the two failed to compile (branches of different shapes)."""
+    shape = dict(inputs=2, hidden=2)
+    init = mlp(**shape).get_weights()
+    x, y = data(20, inputs=2)
+    expected, _ = _fit_weights(init, x, y, jit_compile=False, shape=shape, fisher="empirical")
+    got, opt = _fit_weights(init, x, y, jit_compile=True, shape=shape, fisher="empirical",
+                            max_batch_size=8)
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+    assert all("inverse" in block.state_variables for block in opt._blocks.values())
 
 
 def test_xla_batch_larger_than_max_batch_size_is_refused():
