@@ -114,17 +114,19 @@ class LossReplay:
 
         saved = [(v, tf.identity(v.value)) for model in self.models()
                  for v in model.non_trainable_variables]
-        outputs = [t for _, t in saved]
-        with tf.control_dependencies(outputs):
+        previous = [t for _, t in saved]  # what the next call's random states wait for
+        with tf.control_dependencies(previous):
             for c in self.model_calls:
                 # The random states as the step's call found them, after the previous call ran.
-                with tf.control_dependencies(tf.nest.flatten(outputs)):
+                with tf.control_dependencies([t for t in tf.nest.flatten(previous)
+                                              if tf.is_tensor(t)]):
                     rewound = [v.assign(now(value)) for v, value in c.random_states]
                 with tf.control_dependencies(rewound):
                     args, kwargs = tf.nest.map_structure(now, (c.args, c.kwargs))
                     outputs = c.model(*args, **kwargs)
                 new.update({id(old): fresh for old, fresh in zip(tf.nest.flatten(c.outputs),
                                                                 tf.nest.flatten(outputs))})
+                previous = outputs
             total = tf.add_n([now(w) * tf.cast(tf.reduce_sum(capture.unrecorded_loss(
                 loss.loss, now(loss.y_true), tf.nest.map_structure(now, loss.y_pred),
                 tf.nest.map_structure(now, loss.sample_weight))), tf.float64)
