@@ -7,7 +7,13 @@ has no model and no batch, but capture has both: the outermost model calls of th
 their weights in the differentiated loss). After the update, `LossReplay.evaluate` calls those
 models again on the same inputs, feeding each call's new outputs to the calls that consumed its old
 ones (a GAN's discriminator on the generator's output), and evaluates the same losses on the new
-predictions. Cost: one forward pass, on the steps that adapt the damping.
+predictions. Cost: one forward pass, on the steps that adapt the damping. Only the calls that
+depend on the optimizer's own variables are made again; the others keep their outputs. In a GAN
+step that updates the generator first, the discriminator's replay used to call the updated
+generator again, so its ρ measured both steps (from 0.1 to −29 within three steps on a toy GAN,
+without any Dropout). What stays order-dependent: a model that is made again for its input (the
+discriminator, in the generator's replay) is evaluated at its current weights, so the optimizer
+whose loss runs through another's model must apply first, as in Keras's DCGAN example.
 
 The replay draws the step's own random numbers: before each call, the state of every
 `keras.random.SeedGenerator` of its model (Dropout, GaussianNoise, random augmentation layers) is
@@ -49,8 +55,9 @@ class LossReplay:
 
     @classmethod
     def of(cls, record: StepView, losses: list[LossCall],
-           weight: Callable[[LossCall], tf.Tensor]) -> "LossReplay | str":
-        """The replay of the step's loss, or the reason it cannot be replayed exactly."""
+           weight: Callable[[LossCall], tf.Tensor], variables) -> "LossReplay | str":
+        """The replay of the step's loss, or the reason it cannot be replayed exactly.
+        `variables`: the optimizer's; only the calls that depend on them are made again."""
         calls = [c for c in record.record.model_calls if c.model is not None]
         if not losses:
             return "no Keras loss of this optimizer's backward pass was recorded"
@@ -69,7 +76,16 @@ class LossReplay:
                     return (f"model '{c.model.name}' was called on a tensor computed from another "
                             "model's output by ops in between")
             produced += [t.op for t in tf.nest.flatten(c.outputs) if tf.is_symbolic_tensor(t)]
-        return cls(calls, losses, [weight(loss) for loss in losses])
+        # A call of a model without the optimizer's variables, on inputs no call made again, keeps
+        # its outputs: another optimizer of the step (a GAN's, for the generator) may already
+        # have updated that model, and h(θ + s) moves this optimizer's variables alone.
+        own, again, remade = {id(v) for v in variables}, [], set()
+        for c in calls:
+            if (any(id(v) in own for v in c.model.trainable_variables)
+                    or any(id(t) in remade for t in tf.nest.flatten((c.args, c.kwargs)))):
+                again.append(c)
+                remade |= {id(t) for t in tf.nest.flatten(c.outputs)}
+        return cls(again, losses, [weight(loss) for loss in losses])
 
     def models(self) -> list:
         unique = {}

@@ -114,7 +114,8 @@ class StepLength:
         lso_scale = step.record.loss_scale_of(self)
         replayer = replay.LossReplay.of(
             step.record, step.losses,
-            lambda c: output_grads.loss_weight(c, step.scale, lso_scale))
+            lambda c: output_grads.loss_weight(c, step.scale, lso_scale),
+            [v for v, g in zip(step.variables, step.grads) if g is not None])
         if isinstance(replayer, str):
             if self._no_adaptation != replayer:
                 self._no_adaptation = replayer

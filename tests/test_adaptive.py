@@ -192,6 +192,41 @@ def test_the_replay_draws_the_steps_own_dropout_masks_and_noise(float64, run_eag
     assert not all(np.array_equal(b, v.numpy()) for b, v in zip(before, model.trainable_variables))
 
 
+def test_the_replay_of_a_gan_step_draws_each_calls_own_masks(float64):
+    """A GAN step with Dropout in the discriminator, which is called twice (real and fake data),
+    and the generator updated first: G's replay calls G and D again, D's only D (on the step's own
+    fake batch, not on the updated G's), each call from the random state its own call in the step
+    started from. A tiny step's ρ is 1 for both. With G called again in D's replay, D's ρ was
+    0.1, −2.5, −29 without Dropout."""
+    generator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(5)])
+    discriminator = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                                      keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    g_opt, d_opt = (TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None, fisher="empirical",
+                            damping_adaptation_interval=1) for _ in range(2))
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    @tf.function
+    def step(x, z):
+        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+            fake = generator(z, training=True)
+            real_out = discriminator(x, training=True)
+            fake_out = discriminator(fake, training=True)
+            g_loss = bce(tf.ones_like(fake_out), fake_out)
+            d_loss = bce(tf.ones_like(real_out), real_out) + bce(tf.zeros_like(fake_out), fake_out)
+        g_opt.apply_gradients(zip(g_tape.gradient(g_loss, generator.trainable_variables),
+                                  generator.trainable_variables))
+        d_opt.apply_gradients(zip(d_tape.gradient(d_loss, discriminator.trainable_variables),
+                                  discriminator.trainable_variables))
+
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(6):
+        step(tf.constant(rng.normal(size=(8, 5))), tf.constant(rng.normal(size=(8, 3))))
+        ratios.append([float(g_opt.reduction_ratio.numpy()), float(d_opt.reduction_ratio.numpy())])
+    np.testing.assert_allclose(ratios, 1.0, atol=1e-2)
+
+
 def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_it():
     """The rule itself (adaptive.DampingAdaptation._adapt), on chosen ρ = (h1 − h0) / M(s) with
     M(s) = −1 and λ₀ = 0.1 (interval 5): a check that leaves λ where it was and finds ρ ≥ ¼ doubles
