@@ -85,6 +85,8 @@ class LossReplay:
                     or any(id(t) in remade for t in tf.nest.flatten((c.args, c.kwargs)))):
                 again.append(c)
                 remade |= {id(t) for t in tf.nest.flatten(c.outputs)}
+        if not again:
+            return "no Keras model called under the tape in this step holds its variables"
         return cls(again, losses, [weight(loss) for loss in losses])
 
     def models(self) -> list:

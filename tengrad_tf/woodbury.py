@@ -130,9 +130,9 @@ def explicit_inverse(rows: tf.Tensor, damping, max_retries: int = 6, samples=Non
             return direct_branch() if direct else gram_branch()
     else:
         direct, select = m >= d, tf.cond
-    # One factorization between two loop-free conds, not one per branch: when the batch size is
-    # static, grappler folds `direct` and prunes a branch, and a pruned branch holding the retry
-    # while-loop breaks its topological sort, after which it leaves the whole step unoptimized.
+    # Otherwise one factorization between two loop-free conds, not one per branch: where grappler
+    # can fold `direct` it prunes a branch, and a pruned branch holding the retry while-loop
+    # breaks its topological sort, after which it leaves the whole step unoptimized.
     # Direct: (F + λI)⁻¹ = m (UᵀU + mλI)⁻¹, and factorize damps with (its size)·λ, so λ·m/d.
     # Through the Gram, the diagonal takes m·λ for the m real samples (zero rows stay outside).
     matrix, lam, size = select(

@@ -227,6 +227,29 @@ def test_the_replay_of_a_gan_step_draws_each_calls_own_masks(float64):
     np.testing.assert_allclose(ratios, 1.0, atol=1e-2)
 
 
+def test_a_step_whose_variables_no_model_call_holds_keeps_its_damping_and_says_why(caplog):
+    """The optimizer's variables belong to a bare layer called before a model: calling the model
+    again on the step's input would not move the loss (ρ = 0, λ raised at every check), so the
+    damping stays fixed, with a warning that says why."""
+    layer = keras.layers.Dense(4)
+    head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    opt = TENGraD(fisher="empirical", damping_adaptation_interval=1)
+    x, y = data(8)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            loss = sce()(y, head(layer(x), training=True))
+        grads = tape.gradient(loss, layer.trainable_variables)
+        opt.apply_gradients(zip(grads, layer.trainable_variables))
+
+    with caplog.at_level("WARNING", logger="tengrad_tf"):
+        for _ in range(3):
+            step(tf.constant(x), tf.constant(y))
+    assert "no Keras model called under the tape in this step holds its variables" in caplog.text
+    assert opt.damping_variable.numpy() == opt.damping
+
+
 def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_it():
     """The rule itself (adaptive.DampingAdaptation._adapt), on chosen ρ = (h1 − h0) / M(s) with
     M(s) = −1 and λ₀ = 0.1 (interval 5): a check that leaves λ where it was and finds ρ ≥ ¼ doubles
