@@ -122,16 +122,15 @@ class Directions:
         # Read by update_step, which Keras's apply calls later in the same trace.
         self._first_order_indices = frozenset(
             self._get_variable_index(step.variables[i]) for i in step.first_order)
-        for i in step.first_order:
-            if self.first_order == FIRST_ORDER_DAMPED:  # F = 0: (F + λI)⁻¹g at the current λ
-                directions[i] = grads[i] / tf.cast(self._current_damping(), grads[i].dtype)
-            elif self.first_order == FIRST_ORDER_SGD:
-                directions[i] = grads[i] * self._first_order_trust(grads[i].dtype)
+        if self.first_order == FIRST_ORDER_DAMPED:  # F = 0: (F + λI)⁻¹g at the current λ
+            lam = self._damping_tensor()
+            for i in step.first_order:
+                directions[i] = grads[i] / tf.cast(lam, grads[i].dtype)
+        elif self.first_order == FIRST_ORDER_SGD:
+            trust = self._first_order_trust(tf.float64)
+            for i in step.first_order:
+                directions[i] = grads[i] * tf.cast(trust, grads[i].dtype)
         step.directions = directions
-
-    def _current_damping(self):
-        """λ of this step: the adapted one under adaptive damping, else the fixed one."""
-        return self.damping_variable if self.adaptive_damping else self.damping
 
     def _first_order_trust(self, dtype):
         """The share of its step a variable without a block takes (first_order.trust): min(1,

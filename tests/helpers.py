@@ -61,7 +61,8 @@ def weights(*models):
 
 
 def train_step(model, opt):
-    """A custom training step: forward pass, loss and apply_gradients in one tf.function."""
+    """A custom training step: forward pass, loss and apply_gradients in one tf.function. It
+    returns the gradients, in the order of `model.trainable_variables`."""
     loss_fn = sce()
 
     @tf.function
@@ -70,8 +71,24 @@ def train_step(model, opt):
             loss = loss_fn(y, model(x, training=True))
         grads = tape.gradient(loss, model.trainable_variables)
         opt.apply_gradients(zip(grads, model.trainable_variables))
+        return grads
 
     return step
+
+
+def dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z):
+    """The Keras DCGAN tutorial's step (call it in a tf.function): two tapes, the discriminator on
+    real and fake data, the generator's optimizer applied first."""
+    with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+        fake = generator(z, training=True)
+        real_out = discriminator(x, training=True)
+        fake_out = discriminator(fake, training=True)
+        g_loss = bce(tf.ones_like(fake_out), fake_out)
+        d_loss = bce(tf.ones_like(real_out), real_out) + bce(tf.zeros_like(fake_out), fake_out)
+    g_grads = g_tape.gradient(g_loss, generator.trainable_variables)
+    d_grads = d_tape.gradient(d_loss, discriminator.trainable_variables)
+    g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
+    d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
 
 
 def tensor_sizes(function, *specs, unknown_dim: int) -> list[tuple[int, str]]:

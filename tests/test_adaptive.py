@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tengrad_tf import TENGraD, adaptive
 from tests import reference
-from tests.helpers import data, mlp, per_sample_sce, plain, sce
+from tests.helpers import data, dcgan_step, mlp, per_sample_sce, plain, sce
 
 
 def next_damping(lam, rho, every):
@@ -205,19 +205,7 @@ def test_the_replay_of_a_gan_step_draws_each_calls_own_masks(float64):
     g_opt, d_opt = (TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None, fisher="empirical",
                             damping_adaptation_interval=1) for _ in range(2))
     bce = keras.losses.BinaryCrossentropy(from_logits=True)
-
-    @tf.function
-    def step(x, z):
-        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-            fake = generator(z, training=True)
-            real_out = discriminator(x, training=True)
-            fake_out = discriminator(fake, training=True)
-            g_loss = bce(tf.ones_like(fake_out), fake_out)
-            d_loss = bce(tf.ones_like(real_out), real_out) + bce(tf.zeros_like(fake_out), fake_out)
-        g_opt.apply_gradients(zip(g_tape.gradient(g_loss, generator.trainable_variables),
-                                  generator.trainable_variables))
-        d_opt.apply_gradients(zip(d_tape.gradient(d_loss, discriminator.trainable_variables),
-                                  discriminator.trainable_variables))
+    step = tf.function(lambda x, z: dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z))
 
     rng = np.random.default_rng(0)
     ratios = []

@@ -57,17 +57,8 @@ class Gan:
 
     @tf.function
     def step(self, x, z):
-        G, D, bce = self.generator, self.discriminator, self.bce
-        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
-            fake = G(z, training=True)
-            real_out = D(x, training=True)
-            fake_out = D(fake, training=True)
-            g_loss = bce(tf.ones_like(fake_out), fake_out)
-            d_loss = bce(tf.ones_like(real_out), real_out) + bce(tf.zeros_like(fake_out), fake_out)
-        g_grads = g_tape.gradient(g_loss, G.trainable_variables)
-        d_grads = d_tape.gradient(d_loss, D.trainable_variables)
-        self.g_opt.apply_gradients(zip(g_grads, G.trainable_variables))
-        self.d_opt.apply_gradients(zip(d_grads, D.trainable_variables))
+        helpers.dcgan_step(self.generator, self.discriminator, self.g_opt, self.d_opt, self.bce,
+                           x, z)
 
     def expected(self, y_fisher):
         """The exact natural-gradient directions of G and D. Per-sample losses: G's is

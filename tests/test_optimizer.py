@@ -565,38 +565,47 @@ def test_train_step_graph_passes_grappler():
         assert symptom not in out.stderr, out.stderr[-3000:]
 
 
+def _prelu_model_and_step(opt):
+    """Dense, PReLU, Dense: (the model, PReLU's α (no block owns it), a traced step of `opt` that
+    returns α's gradients)."""
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
+                              keras.layers.PReLU(), keras.layers.Dense(3)])
+    alphas = model.layers[1].trainable_variables
+    full_step = train_step(model, opt)
+    paths = [v.path for v in model.trainable_variables]
+
+    def step(x, y):
+        grads = full_step(x, y)
+        return [grads[paths.index(v.path)] for v in alphas]
+
+    return model, alphas, step
+
+
+def _adam_change(moments, path, g, eta):
+    """Keras's Adam (β₁ 0.9, β₂ 0.999, ε 1e-7) at the rate `eta`: the step θ − θ_new of
+    `path`, whose moments `moments` keeps."""
+    m, v = moments.get(path, (0.0, 0.0))
+    m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g * g
+    moments[path] = (m, v)
+    return eta * m / (np.sqrt(v) + 1e-7)
+
+
 def test_variables_without_a_block_take_keras_adams_step(float64):
     """first_order="adam" (the default): a variable no block owns (PReLU's α here) takes Adam's
     step at first_order_learning_rate, which follows the learning rate in proportion (here halved
     for the second step)."""
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
-                              keras.layers.PReLU(), keras.layers.Dense(3)])
     x, y = data(8)
     opt = plain(learning_rate=0.125, damping=0.05, fisher="empirical",
                 first_order_learning_rate=0.01)
-    bn = model.layers[1].trainable_variables  # PReLU's α: no block
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = sce()(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        paths = [v.path for v in model.trainable_variables]
-        return [grads[paths.index(v.path)] for v in bn]
-
-    m = {v.path: 0.0 for v in bn}
-    v2 = {v.path: 0.0 for v in bn}
+    _, bn, step = _prelu_model_and_step(opt)  # PReLU's α: no block
+    moments = {}
     for t, lr_scale in ((1, 1.0), (2, 0.5)):
         opt.learning_rate = 0.125 * lr_scale
         before = {v.path: v.numpy().copy() for v in bn}
         grads = step(tf.constant(x), tf.constant(y))
         for v, g in zip(bn, grads):
-            g = g.numpy()
-            m[v.path] = 0.9 * m[v.path] + 0.1 * g
-            v2[v.path] = 0.999 * v2[v.path] + 0.001 * g * g
             eta = 0.01 * lr_scale * np.sqrt(1 - 0.999**t) / (1 - 0.9**t)
-            want = before[v.path] - eta * m[v.path] / (np.sqrt(v2[v.path]) + 1e-7)
+            want = before[v.path] - _adam_change(moments, v.path, g.numpy(), eta)
             np.testing.assert_allclose(v.numpy(), want, rtol=1e-9, atol=1e-12, err_msg=v.path)
     (prelu,) = [t for p, t in opt.treatments().items() if "p_re_lu" in p]
     assert prelu.startswith("first-order")
@@ -608,26 +617,13 @@ def test_under_adaptive_damping_lambda_bounds_the_step_of_variables_without_a_bl
     """Adaptive damping raised to λ = 4·λ₀: a variable no block owns (PReLU's α) takes a quarter
     of Adam's step ("adam") or of d = g ("sgd"), and d = g/λ at the adapted λ ("damped", a block
     with F = 0). The first step, at λ₀, takes its whole step."""
-    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4),
-                              keras.layers.PReLU(), keras.layers.Dense(3)])
     x, y = data(8)
     lr, lam0 = 1e-3, 0.05
     opt = plain(learning_rate=lr, damping=lam0, fisher="empirical", first_order=rule,
                 first_order_learning_rate=0.01, adaptive_damping=True,
                 damping_adaptation_interval=1000)
-    alphas = model.layers[1].trainable_variables
-
-    @tf.function
-    def step(x, y):
-        with tf.GradientTape() as tape:
-            loss = sce()(y, model(x, training=True))
-        grads = tape.gradient(loss, model.trainable_variables)
-        opt.apply_gradients(zip(grads, model.trainable_variables))
-        paths = [v.path for v in model.trainable_variables]
-        return [grads[paths.index(v.path)] for v in alphas]
-
-    m = {v.path: 0.0 for v in alphas}
-    v2 = {v.path: 0.0 for v in alphas}
+    _, alphas, step = _prelu_model_and_step(opt)
+    moments = {}
     for t in (1, 2):
         lam = lam0 if t == 1 else 4 * lam0
         if t == 2:  # as a check that found the loss raised would leave it (between checks here)
@@ -638,10 +634,8 @@ def test_under_adaptive_damping_lambda_bounds_the_step_of_variables_without_a_bl
         for v, g in zip(alphas, grads):
             g = g.numpy()
             if rule == "adam":
-                m[v.path] = 0.9 * m[v.path] + 0.1 * g
-                v2[v.path] = 0.999 * v2[v.path] + 0.001 * g * g
                 eta = 0.01 * np.sqrt(1 - 0.999**t) / (1 - 0.9**t) * min(1.0, lam0 / lam)
-                change = eta * m[v.path] / (np.sqrt(v2[v.path]) + 1e-7)
+                change = _adam_change(moments, v.path, g, eta)
             elif rule == "sgd":
                 change = lr * g * min(1.0, lam0 / lam)
             else:
