@@ -161,6 +161,7 @@ class DampingAdaptation:
     stepped: list  # (variable, its value before the step, its momentum slot)
     # refactor(λ): refactorize every cached Gram for a new λ, and the retries that took (int32)
     refactor: Callable[[tf.Tensor], tf.Tensor]
+    h0_summed: bool  # h0 is the sum over replicas already (tf.distribute)
     damping: tf.Variable  # λ, float64
     damping_retries: tf.Variable
     interval: int  # damping_adaptation_interval
@@ -170,19 +171,27 @@ class DampingAdaptation:
     rejected_steps: tf.Variable
 
     @classmethod
-    def begin(cls, replayer, adapt, predict, stepped, refactor, **variables
+    def begin(cls, replayer, adapt, predict, stepped, refactor, context, **variables
               ) -> "DampingAdaptation":
         """Before the update, on the steps that `adapt`: M(s) (`predict()`), the weights saved to
-        take the step back, and h(θ), the step's recorded loss."""
+        take the step back, and h(θ) (`replayer.baseline`). Under tf.distribute (`context`),
+        h(θ) is this replica's share, summed in `finish`, except a replayed one, which is
+        summed here: the replay may synchronize, so it runs as `finish` runs it."""
+        summed = context is not None and replayer.replays_baseline
+
         def before():
             predicted = predict()
             for v, saved, _ in stepped:
                 saved.assign(v)
-            return replayer.recorded(), predicted
+            return (tf.constant(0.0, F64) if summed else replayer.baseline()), predicted
 
         zero = tf.constant(0.0, F64)
         h0, predicted = tf.cond(adapt, before, lambda: (zero, zero))
-        return cls(replayer, adapt, h0, predicted, stepped, refactor, **variables)
+        if summed:
+            h0 = distribute.sum_across_replicas_if(
+                context, adapt, lambda *inputs: replayer.baseline(list(inputs)),
+                tuple(replayer.inputs()), zero)
+        return cls(replayer, adapt, h0, predicted, stepped, refactor, summed, **variables)
 
     def finish(self, taken, context) -> None:
         """After the update, on the steps that adapt λ (and only if the step was taken): the
@@ -199,7 +208,8 @@ class DampingAdaptation:
             # merge would otherwise be used for all). λ is a mirrored variable, whose update in
             # replica context is a merge_call, which cannot sit in a cond branch: `_adapt` runs
             # on every step, gated by `go`.
-            (h0,) = distribute.all_reduce_sum(context, [self.h0])
+            (h0,) = [self.h0] if self.h0_summed else distribute.all_reduce_sum(context,
+                                                                               [self.h0])
             h1 = distribute.sum_across_replicas_if(
                 context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
                 tuple(self.replayer.inputs()), tf.constant(0.0, F64))

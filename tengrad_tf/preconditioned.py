@@ -142,20 +142,18 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
         self.direction_norm = self.add_variable((), initializer="zeros", dtype="float64",
                                                 name="direction_norm")
         if self.adaptive_damping:
+            # Initial values from a callable of the variable's own dtype: Keras's "constant"
+            # would round λ through float32, and an assign here would be a merge_call when build
+            # runs in the first step's replica context (a custom loop under MirroredStrategy),
+            # made by the first replica alone: the replicas' collectives no longer match.
             self.damping_variable = self.add_variable(
-                (), initializer="zeros", dtype="float64", name="damping",
+                (), initializer=_exactly(self.damping), dtype="float64", name="damping",
                 aggregation="only_first_replica")
-            # Assigned, not through an initializer, which would round λ through float32; in
-            # init_scope, as the variable is made: build may run inside the first traced step.
-            with tf.init_scope():
-                self.damping_variable.assign(tf.constant(self.damping, tf.float64))
             # Steps between damping checks: damping_adaptation_interval, longer while the checks
             # find nothing to change (adaptive.DampingAdaptation).
             self.check_interval = self.add_variable(
-                (), initializer="zeros", dtype="int64", name="check_interval",
-                aggregation="only_first_replica")
-            with tf.init_scope():
-                self.check_interval.assign(self.damping_adaptation_interval)
+                (), initializer=_exactly(self.damping_adaptation_interval), dtype="int64",
+                name="check_interval", aggregation="only_first_replica")
             # The weights before a step that adapts λ, to take the step back if the loss rose.
             self._before_step = self.add_optimizer_variables(var_list, "before_step")
             self.rejected_steps = self.add_variable((), initializer="zeros", dtype="int64",
@@ -339,3 +337,9 @@ def _reference_value(learning_rate) -> float:
     if callable(learning_rate):
         return float(learning_rate())
     return float(learning_rate)
+
+
+def _exactly(value):
+    """A Keras initializer of the scalar `value` in the variable's dtype, without rounding it
+    through float32."""
+    return lambda shape, dtype: tf.fill(shape, tf.constant(value, dtype))

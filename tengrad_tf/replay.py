@@ -11,9 +11,17 @@ predictions. Cost: one forward pass, on the steps that adapt the damping. Only t
 depend on the optimizer's own variables are made again; the others keep their outputs. In a GAN
 step that updates the generator first, the discriminator's replay used to call the updated
 generator again, so its ρ measured both steps (from 0.1 to −29 within three steps on a toy GAN,
-without any Dropout). What stays order-dependent: a model that is made again for its input (the
-discriminator, in the generator's replay) is evaluated at its current weights, so the optimizer
-whose loss runs through another's model must apply first, as in Keras's DCGAN example.
+without any Dropout).
+
+A call made again may run through trainable variables that are not the optimizer's (the
+discriminator, in the generator's replay; two optimizers sharing one model), and another optimizer
+of the step may already have updated them. Then h(θ), too, is replayed before the update
+(`replays_baseline`), so both sides of h(θ + s) − h(θ) see the same values of those variables, and
+ρ measures this optimizer's step alone, whichever optimizer applies first. Against the recorded
+loss, a toy GAN step that applied the discriminator first gave the generator ρ from −150 to
+−3·10⁷ within six steps: the discriminator's change of the loss over the generator's M(s), which
+shrank as λ rose tenfold at each check. The cost is a second forward pass on the steps that adapt the
+damping, only where such variables exist; a model that one optimizer trains whole (`fit`) has none.
 
 The replay draws the step's own random numbers: before each call, the state of every
 `keras.random.SeedGenerator` of its model (Dropout, GaussianNoise, random augmentation layers) is
@@ -52,6 +60,9 @@ class LossReplay:
     model_calls: list[ModelCall]
     losses: list[LossCall]
     weights: list[tf.Tensor]  # float64 weight of each loss in the differentiated total
+    # h(θ) is replayed too: a call made again runs through trainable variables that are not the
+    # optimizer's, which another optimizer may have updated since the step's forward pass.
+    replays_baseline: bool = False
 
     @classmethod
     def of(cls, record: StepView, losses: list[LossCall],
@@ -87,7 +98,8 @@ class LossReplay:
                 remade |= {id(t) for t in tf.nest.flatten(c.outputs)}
         if not again:
             return "no Keras model called under the tape in this step holds its variables"
-        return cls(again, losses, [weight(loss) for loss in losses])
+        foreign = any(id(v) not in own for c in again for v in c.model.trainable_variables)
+        return cls(again, losses, [weight(loss) for loss in losses], replays_baseline=foreign)
 
     def models(self) -> list:
         unique = {}
@@ -105,6 +117,11 @@ class LossReplay:
         """h(θ): the step's own loss values (call before the update, for the penalties)."""
         return tf.add_n([w * tf.cast(tf.reduce_sum(loss.value), tf.float64)
                          for loss, w in zip(self.losses, self.weights)]) + self.penalties()
+
+    def baseline(self, inputs: list[tf.Tensor] | None = None) -> tf.Tensor:
+        """h(θ) as h(θ + s) will be compared with it (call before the update): replayed where
+        `replays_baseline`, else the recorded loss. `inputs` as in `evaluate`."""
+        return self.evaluate(inputs) if self.replays_baseline else self.recorded()
 
     def inputs(self) -> list[tf.Tensor]:
         """The tensors the replay reads that come from outside it: the models' inputs (not the

@@ -168,7 +168,8 @@ class StepLength:
             return tf.add_n([h.refactor(damping) for h in self._curvature_holders()])
 
         return adaptive.DampingAdaptation.begin(
-            replayer, adapt, predict, stepped, refactor, damping=self.damping_variable,
+            replayer, adapt, predict, stepped, refactor, step.context,
+            damping=self.damping_variable,
             damping_retries=self.damping_retries, interval=every, checks=self.check_interval,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)

@@ -232,6 +232,35 @@ def main(argv=None):
                       verbose=0, shuffle=False)
             ratios.append(float(optimizer.reduction_ratio.numpy()))
         results["dropout_reduction_ratios"] = np.array(ratios)
+        # Two optimizers over one model, SGD's applied first: TENGraD's replay runs through the
+        # variables SGD has just moved, so h(θ) is replayed too, summed over the replicas as
+        # h(θ + s) is (replay.py). ρ of a tiny step is 1; against the recorded h(θ) it measured
+        # SGD's step as well.
+        with strategy.scope():
+            optimizer = tengrad_tf.TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None,
+                                           fisher="empirical", damping_adaptation_interval=1)
+            first_order = keras.optimizers.SGD(0.01)
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        body, head = model.layers[0].trainable_variables, model.layers[2].trainable_variables
+
+        @tf.function
+        def split_step(xb, yb):
+            def step_fn(xr, yr):
+                with tf.GradientTape() as tape:
+                    value = loss(yr, model(xr, training=True))
+                grads = tape.gradient(value, body + head)
+                first_order.apply_gradients(zip(grads[:len(body)], body))
+                optimizer.apply_gradients(zip(grads[len(body):], head))
+
+            strategy.run(step_fn, args=(xb, yb))
+
+        ratios = []
+        for _ in range(4):
+            batch = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(
+                (rng.normal(size=(16, 5)), rng.integers(0, 3, 16))).batch(16))
+            split_step(*next(iter(batch)))
+            ratios.append(float(optimizer.reduction_ratio.numpy()))
+        results["split_reduction_ratios"] = np.array(ratios)
     results["replicas"] = np.array(strategy.num_replicas_in_sync)
     np.savez(args.out, **results)
     return 0

@@ -76,9 +76,9 @@ def train_step(model, opt):
     return step
 
 
-def dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z):
+def dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z, discriminator_first=False):
     """The Keras DCGAN tutorial's step (call it in a tf.function): two tapes, the discriminator on
-    real and fake data, the generator's optimizer applied first."""
+    real and fake data, the generator's optimizer applied first (or second)."""
     with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
         fake = generator(z, training=True)
         real_out = discriminator(x, training=True)
@@ -87,8 +87,9 @@ def dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z):
         d_loss = bce(tf.ones_like(real_out), real_out) + bce(tf.zeros_like(fake_out), fake_out)
     g_grads = g_tape.gradient(g_loss, generator.trainable_variables)
     d_grads = d_tape.gradient(d_loss, discriminator.trainable_variables)
-    g_opt.apply_gradients(zip(g_grads, generator.trainable_variables))
-    d_opt.apply_gradients(zip(d_grads, discriminator.trainable_variables))
+    updates = [(g_opt, g_grads, generator), (d_opt, d_grads, discriminator)]
+    for opt, grads, model in updates[::-1] if discriminator_first else updates:
+        opt.apply_gradients(zip(grads, model.trainable_variables))
 
 
 def tensor_sizes(function, *specs, unknown_dim: int) -> list[tuple[int, str]]:

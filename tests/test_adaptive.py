@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tengrad_tf import TENGraD, adaptive
+from tengrad_tf import TENGraD, adaptive, replay
 from tests import reference
 from tests.helpers import data, dcgan_step, mlp, per_sample_sce, plain, sce
 
@@ -215,6 +215,43 @@ def test_the_replay_of_a_gan_step_draws_each_calls_own_masks(float64):
     np.testing.assert_allclose(ratios, 1.0, atol=1e-2)
 
 
+@pytest.mark.parametrize("replays_baseline", [True, False])
+def test_the_generator_applied_second_compares_its_loss_at_the_updated_discriminator(
+        float64, replays_baseline, monkeypatch):
+    """The discriminator applied first, with a step large enough to move its loss: the generator's
+    replay runs through the updated discriminator, so h(θ) is replayed there too and a tiny
+    generator step's ρ is 1. With the recorded h(θ) (replays_baseline forced off, the check that
+    this test can fail) ρ measured the discriminator's step as well: −150 to −3·10⁷."""
+    if not replays_baseline:
+        original = replay.LossReplay.of.__func__
+
+        def recorded_baseline(cls, *args):
+            found = original(cls, *args)
+            if not isinstance(found, str):
+                found.replays_baseline = False
+            return found
+        monkeypatch.setattr(replay.LossReplay, "of", classmethod(recorded_baseline))
+    generator = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(5)])
+    discriminator = keras.Sequential([keras.Input((5,)), keras.layers.Dense(6, activation="tanh"),
+                                      keras.layers.Dropout(0.5), keras.layers.Dense(1)])
+    g_opt = TENGraD(learning_rate=1e-5, damping=0.5, kl_clip=None, fisher="empirical",
+                    damping_adaptation_interval=1)
+    d_opt = TENGraD(learning_rate=0.01, damping=0.5, kl_clip=None, fisher="empirical",
+                    adaptive_damping=False)
+    bce = keras.losses.BinaryCrossentropy(from_logits=True)
+    step = tf.function(lambda x, z: dcgan_step(generator, discriminator, g_opt, d_opt, bce, x, z,
+                                               discriminator_first=True))
+
+    rng = np.random.default_rng(0)
+    ratios = []
+    for _ in range(6):
+        step(tf.constant(rng.normal(size=(8, 5))), tf.constant(rng.normal(size=(8, 3))))
+        ratios.append(float(g_opt.reduction_ratio.numpy()))
+    close = np.allclose(ratios, 1.0, atol=5e-2)
+    assert close == replays_baseline, ratios
+
+
 def test_a_step_whose_variables_no_model_call_holds_keeps_its_damping_and_says_why(caplog):
     """The optimizer's variables belong to a bare layer called before a model: calling the model
     again on the step's input would not move the loss (ρ = 0, λ raised at every check), so the
@@ -251,7 +288,8 @@ def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_i
         adaptation = adaptive.DampingAdaptation(
             replayer=None, adapt=tf.constant(True), h0=tf.constant(0.0, tf.float64),
             predicted=tf.constant(-1.0, tf.float64), stepped=[],
-            refactor=lambda new: tf.constant(0), damping=variable(lam, tf.float64),
+            refactor=lambda new: tf.constant(0), h0_summed=False,
+            damping=variable(lam, tf.float64),
             damping_retries=variable(0, tf.int64), interval=5,
             checks=variable(spacing, tf.int64), floor=0.1,
             reduction_ratio=variable(0.0, tf.float64), rejected_steps=variable(0, tf.int64))

@@ -65,6 +65,8 @@ def test_mirrored_strategy_step_equals_single_device_step(tmp_path):
     assert result["dist/nan_step_skipped/iterations"] == 2
     # The replicas replayed the loss with their step's own Dropout masks.
     np.testing.assert_allclose(result["dropout_reduction_ratios"], 1.0, atol=1e-2)
+    # Two optimizers over one model: the second's h(θ), replayed at the first's new weights.
+    np.testing.assert_allclose(result["split_reduction_ratios"], 1.0, atol=5e-2)
     # Unsupported strategies are refused by name.
     error = str(result["unsupported_error"])
     assert error.startswith("DistributionError") and "CentralStorageStrategy" in error, error
