@@ -59,9 +59,12 @@ VARIANTS = {
     "TENGraD(fisher_blocks='network')": dict(fisher_blocks="network"),
     "TENGraD(first_order='sgd')": dict(first_order="sgd"),
     "TENGraD(curvature_batches=4)": dict(curvature_batches=4),
-    # The damping of batch 128 (0.1) in proportion to 128/m at smaller batches: m·λ, the damping
-    # of the summed Gram UᵀU, stays 12.8 (docs/step.md, "Smaller batches").
-    "TENGraD(damping=0.4)": dict(damping=0.4),
+    # The damping of batch 128 (0.1) in proportion to 128/m at batch 32: m·λ, the damping of the
+    # summed Gram UᵀU, stays 12.8 (docs/step.md, "Batch size"; without damping_batch_size it is
+    # 0.4·√(128/32) = 0.8: give this variant only with --batch-size 32).
+    "TENGraD(damping=0.4)": dict(damping=0.4, damping_batch_size=None),
+    # λ = 0.1 at every batch size: TENGraD() before damping_batch_size (default 128).
+    "TENGraD(damping_batch_size=None)": dict(damping_batch_size=None),
     "TENGraD(curvature_batches=4, curvature_update_freq=20)":
         dict(curvature_batches=4, curvature_update_freq=20),
 }

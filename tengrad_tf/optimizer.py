@@ -41,7 +41,11 @@ class TENGraD(PreconditionedOptimizer):
 
     Args:
         learning_rate: float, `keras.optimizers.schedules.LearningRateSchedule`, or callable.
-        damping: λ > 0, the Tikhonov damping of each Fisher block.
+        damping: λ > 0, the Tikhonov damping of each Fisher block, for a Fisher of
+            `damping_batch_size` samples.
+        damping_batch_size: int or None. A Fisher block of m samples is damped with
+            λ·√(damping_batch_size / m) (woodbury.batch_damping): more at small batches, whose
+            Fisher and gradient are noisier, less at large ones. None: λ at every batch size.
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
         fisher: "true" samples labels from the model's predictive distribution (an extra backward
@@ -94,6 +98,7 @@ class TENGraD(PreconditionedOptimizer):
         self,
         learning_rate=0.003,
         damping=0.1,
+        damping_batch_size=128,
         momentum=0.9,
         adaptive_damping=True,
         damping_adaptation_interval=5,
@@ -124,6 +129,9 @@ class TENGraD(PreconditionedOptimizer):
         **kwargs,
     ):
         check("damping", damping, is_number(damping) and damping > 0, "expected a float > 0")
+        check("damping_batch_size", damping_batch_size,
+              damping_batch_size is None or is_int(damping_batch_size, 1),
+              "expected None or an int >= 1")
         check("adaptive_damping", adaptive_damping, isinstance(adaptive_damping, bool),
               "expected True or False")
         check("damping_adaptation_interval", damping_adaptation_interval,
@@ -159,6 +167,7 @@ class TENGraD(PreconditionedOptimizer):
             gradient_accumulation_steps=gradient_accumulation_steps, name=name, **kwargs,
         )
         self.damping = float(damping)
+        self.damping_batch_size = damping_batch_size
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.fisher_blocks = fisher_blocks
@@ -178,7 +187,8 @@ class TENGraD(PreconditionedOptimizer):
             max_damping_retries=self.max_damping_retries,
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
             adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
-            curvature_batches=self.curvature_batches, lagged_curvature=self.lagged_curvature)
+            curvature_batches=self.curvature_batches, lagged_curvature=self.lagged_curvature,
+            damping_batch_size=self.damping_batch_size)
 
     def _make_network_solve(self):
         if self.fisher_blocks != "network":
@@ -186,7 +196,8 @@ class TENGraD(PreconditionedOptimizer):
         return NetworkSolve(self.damping_variable if self.adaptive_damping else self.damping,
                             max_damping_retries=self.max_damping_retries,
                             jit_solve=self.resolved_jit_solve(),
-                            adaptive_damping=self.adaptive_damping)
+                            adaptive_damping=self.adaptive_damping,
+                            damping_batch_size=self.damping_batch_size)
 
     def resolved_jit_solve(self) -> bool:
         """`jit_solve` with "auto" decided: True iff TensorFlow sees a GPU. Asked when blocks are
@@ -200,6 +211,7 @@ class TENGraD(PreconditionedOptimizer):
         config = super().get_config()
         config.update({
             "damping": self.damping,
+            "damping_batch_size": self.damping_batch_size,
             "adaptive_damping": self.adaptive_damping,
             "damping_adaptation_interval": self.damping_adaptation_interval,
             "fisher_blocks": self.fisher_blocks,

@@ -38,7 +38,8 @@ class Reporting:
 
     def diagnostics(self) -> dict[str, float]:
         """What the step rule did at the last step, as Python floats (callbacks.Diagnostics):
-        damping λ, the step's coefficients of d and of the previous step (learning_rate="auto"),
+        damping λ (TENGraD's blocks of m samples take λ·√(damping_batch_size / m)), the step's
+        coefficients of d and of the previous step (learning_rate="auto"),
         the reduction ratio ρ of the last damping adaptation, the KL clip's factor ν, the norm of
         the direction, the counters, and each block's condition number of its damped Gram (of the
         last curvature update)."""

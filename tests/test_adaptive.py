@@ -32,11 +32,13 @@ def next_damping(lam, rho, every):
     return float(np.clip(new, 1e-8, 1e4))
 
 
-def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto", lagged=True):
+def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto", lagged=True,
+             batch_scale=1.0):
     """The adaptive TENGraD step, in numpy, on a clone of `model`: [(weights, a, ρ, λ)] per step.
 
     learning_rate="auto": the step is the model's minimizer in span{d, previous step}. A float:
-    Keras's momentum (buffer ← μ·buffer + d, step lr·buffer) and λ never below its initial value."""
+    Keras's momentum (buffer ← μ·buffer + d, step lr·buffer) and λ never below its initial value.
+    The blocks of m samples are damped with λ·batch_scale (damping_batch_size: √(it / m))."""
     variables = model.trainable_variables
     paths = [v.path for v in variables]
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
@@ -61,10 +63,10 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
         d = {}
         for kernel, bias in blocks:
             d[kernel], d[bias] = reference.block_direction([fisher_of[kernel], fisher_of[bias]],
-                                                           [g[kernel], g[bias]], lam)
+                                                           [g[kernel], g[bias]], lam * batch_scale)
         flat = lambda v: np.concatenate([np.ravel(v[p]) for p in paths])  # noqa: E731
         u = np.concatenate([fisher_of[p] for p in paths], axis=1)  # (m, all parameters)
-        curvature = u.T @ u / m + lam * np.eye(u.shape[1])  # the whole network's F + λI
+        curvature = u.T @ u / m + lam * batch_scale * np.eye(u.shape[1])  # the network's F + λI
         dv, pv, gv = flat(d), flat(previous), flat(g)
         gram = np.array([[dv @ curvature @ dv, dv @ curvature @ pv],
                          [pv @ curvature @ dv, pv @ curvature @ pv]])
@@ -108,8 +110,10 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, *
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
     x, y = data(m * steps)
+    reference_batch = options.get("damping_batch_size", 128)
     expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
-                        lagged=options.get("lagged_curvature", True))
+                        lagged=options.get("lagged_curvature", True),
+                        batch_scale=1.0 if reference_batch is None else np.sqrt(reference_batch / m))
     opt = TENGraD(learning_rate=learning_rate, momentum=momentum, damping=damping, kl_clip=None,
                   fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
                   damping_adaptation_interval=1, **options)
@@ -133,14 +137,15 @@ def test_adaptive_step_matches_the_float64_simulation(float64, momentum):
                              learning_rate="auto")
 
 
-@pytest.mark.parametrize("lagged", [True, False])
-def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simulation(float64,
-                                                                                      lagged):
+@pytest.mark.parametrize("lagged, damping_batch_size", [(True, 128), (False, 128), (True, None)])
+def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simulation(
+        float64, lagged, damping_batch_size):
     """The default mode: M(s) of the momentum step s = lr·(d + μ·buffer), ρ, λ (floored at λ₀) and
     the steps taken back, against the simulation; with the update step's Fisher lagged (the
-    default) and its own batch's."""
+    default) and its own batch's, and with the blocks' λ scaled to the batch (the default) or
+    not."""
     check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9, learning_rate=1.5,
-                             lagged_curvature=lagged)
+                             lagged_curvature=lagged, damping_batch_size=damping_batch_size)
 
 
 def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64):
@@ -328,8 +333,9 @@ def test_cached_factorization_follows_lambda_where_it_changes(float64, fisher_bl
         holders = [opt._network] if fisher_blocks == "network" else list(opt._blocks.values())
         for holder in holders:
             state = {k: v.numpy() for k, v in holder.state_variables.items()}
-            assert state["requested"] == lam, f"step {t}: factorized for {state['requested']}"
-            assert state["damping"] >= lam
+            # λ for the m = 8 samples of the Gram (damping_batch_size 128): 4λ
+            assert state["requested"] == 4 * lam, f"step {t}: factorized for {state['requested']}"
+            assert state["damping"] >= 4 * lam
             chol, gram = state["cholesky"], state["gram"]
             np.testing.assert_allclose(chol @ chol.T, gram + m * state["damping"] * np.eye(m),
                                        rtol=1e-10, atol=1e-12, err_msg=f"step {t}")
@@ -356,7 +362,7 @@ def test_small_blocks_keep_their_explicit_inverse_under_adaptive_damping(float64
         lam = opt.damping_variable.numpy()
         for block in opt._blocks.values():
             state = {k: v.numpy() for k, v in block.state_variables.items()}
-            assert "inverse" in state and state["requested"] == lam, f"step {t}"
+            assert "inverse" in state and state["requested"] == 4 * lam, f"step {t}"  # m = 8
             u = state["j"].reshape(m, -1)
             fisher = u.T @ u / state["samples"] + state["damping"] * np.eye(u.shape[1])
             np.testing.assert_allclose(state["inverse"] @ fisher, np.eye(u.shape[1]),

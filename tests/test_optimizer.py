@@ -12,6 +12,7 @@ import tensorflow as tf
 
 import tengrad_tf
 from tengrad_tf import TENGraD, fisher
+from tengrad_tf.blocks import base
 from tests import reference
 from tests.helpers import data, mlp, per_sample_sce, plain, sce, train_step, weights
 
@@ -52,6 +53,42 @@ def test_reference_would_catch_wrong_factors(float64):
     wrong_bias = reference.block_direction([u[kernel.path]], [g[kernel.path]], damping)[0]
     for wrong in (wrong_m, wrong_bias):
         assert np.max(np.abs(wrong - d[kernel.path])) > 1e-4 * np.max(np.abs(d[kernel.path]))
+
+
+@pytest.mark.parametrize("hidden, fisher_blocks", [(4, "layer"), (16, "layer"), (16, "network")])
+def test_the_damping_follows_the_batch_size(float64, monkeypatch, hidden, fisher_blocks):
+    """`damping` is λ at `damping_batch_size` samples, and a Fisher of m samples is damped with
+    λ·√(damping_batch_size / m): 2λ at m = 8 for damping_batch_size 32. Checked against the
+    reference at 2λ (which the one at λ misses by far) for small blocks keeping their explicit
+    inverse (hidden 4), blocks solved through the Gram (hidden 16) and the network's one solve."""
+    if hidden == 4:  # small blocks keep (F + λI)⁻¹, as outside the tests (conftest)
+        monkeypatch.setattr(base, "DIRECT_MAX_DIM", 1024)
+    m, lr, damping = 8, 0.125, 0.05  # lr exact in float32: Keras keeps it in a float32 variable
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(hidden, activation="tanh"),
+                              keras.layers.Dense(3)])
+    x, y = data(m)
+    variables = model.trainable_variables
+    u = reference.per_sample_gradients(model, x, y, per_sample_sce, variables)
+
+    def direction(lam):
+        if fisher_blocks == "network":
+            rows = np.concatenate([u[v.path] for v in variables], axis=1)
+            return np.linalg.solve(rows.T @ rows / m + lam * np.eye(rows.shape[1]), rows.mean(0))
+        d = reference.reference_directions(model, x, y, y, per_sample_sce, lam)[0]
+        return np.concatenate([np.ravel(d[v.path]) for v in variables])
+
+    expected, unscaled = direction(2 * damping), direction(damping)
+    assert np.linalg.norm(expected - unscaled) > 1e-2 * np.linalg.norm(expected)
+    before = np.concatenate([v.numpy().ravel() for v in variables])
+    opt = plain(learning_rate=lr, damping=damping, fisher="empirical", fisher_blocks=fisher_blocks,
+                damping_batch_size=4 * m)
+    model.compile(optimizer=opt, loss=sce())
+    model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
+    after = np.concatenate([v.numpy().ravel() for v in variables])
+    np.testing.assert_allclose(after, before - lr * expected, rtol=1e-9, atol=1e-12)
+    if fisher_blocks == "layer":
+        inverse = ["explicit inverse" in t for t in opt.treatments().values()]
+        assert all(inverse) if hidden == 4 else not any(inverse), opt.treatments()
 
 
 def build_model(kind):
@@ -152,7 +189,8 @@ def test_small_damping_in_float32_stays_accurate_and_a_descent_direction(fixed_s
 @pytest.mark.parametrize("fisher_type", ["empirical", "true"])
 def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, monkeypatch,
                                                                    fisher_type):
-    """Simulate the whole step rule of DESIGN.md with the reference and compare after 5 steps."""
+    """Simulate the whole step rule of DESIGN.md with the reference and compare after 5 steps
+    (the blocks' λ scaled to the batch of 8 by the default damping_batch_size, 128: 4λ)."""
     m, steps, freq = 8, 5, 2
     lr, damping, mu, wd, kappa = 0.0625, 0.05, 0.9, 0.01, 1e-3
     model = mlp()
@@ -175,7 +213,8 @@ def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, mon
         d = {}
         for kernel, bias in reference.layer_blocks(shadow):
             ds = reference.block_direction([fisher_of[kernel.path], fisher_of[bias.path]],
-                                           [g[kernel.path], g[bias.path]], damping)
+                                           [g[kernel.path], g[bias.path]],
+                                           damping * np.sqrt(128 / m))
             d[kernel.path], d[bias.path] = ds
         vdg = sum(d[p] @ g[p] for p in d)
         nu = min(1.0, np.sqrt(kappa / (lr**2 * vdg)))

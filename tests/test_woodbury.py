@@ -1,9 +1,19 @@
 """The damped Gram solve: matches a dense solve, and recovers from an indefinite Gram."""
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tengrad_tf import woodbury
+
+
+def test_batch_damping_scales_with_the_square_root_of_the_batch():
+    def lam(m, reference):
+        return float(woodbury.batch_damping(0.1, m, reference))
+
+    assert lam(32, 128) == pytest.approx(0.2, rel=1e-15)
+    assert lam(512, 128) == pytest.approx(0.05, rel=1e-15)
+    assert lam(128, 128) == 0.1 and lam(7, None) == 0.1
 
 
 def test_matches_dense_solve_at_small_damping():

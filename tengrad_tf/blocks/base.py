@@ -41,7 +41,7 @@ class FisherBlock(CurvatureBlock):
                  max_damping_retries: int = 6, jit_solve: bool = False,
                  max_batch_size: int | None = None, adaptive_damping: bool = False,
                  joint: bool = False, curvature_batches: int = 1,
-                 lagged_curvature: bool = False):
+                 lagged_curvature: bool = False, damping_batch_size: int | None = None):
         helper = layers.helper_for(layer)
         if helper is None or not helper.captures:
             raise ValueError(f"no exact Fisher block for layer '{layer.name}' "
@@ -51,8 +51,9 @@ class FisherBlock(CurvatureBlock):
         self.kind = helper.kind
         self.memory_budget = int(memory_budget)
         # A float, or (adaptive damping) the optimizer's λ variable, which can change between
-        # curvature updates: the cache then keeps the Gram and refactorizes when λ changed.
-        self.damping = damping
+        # curvature updates: the cache then keeps the Gram and refactorizes when λ changed. It
+        # is λ at `damping_batch_size` samples; m samples take λ_m (woodbury.batch_damping).
+        self.damping, self.damping_batch_size = damping, damping_batch_size
         self.adaptive_damping = bool(adaptive_damping)
         # Part of the whole network's Fisher (blocks/network.py): the block caches what its
         # layer needs and hands over its Gram; the one m × m solve of all blocks is not its own.
@@ -66,13 +67,11 @@ class FisherBlock(CurvatureBlock):
         self.max_damping_retries = max_damping_retries
         # XLA for the m × m factorization and solves (woodbury.py), and a fixed cache capacity
         # (cache.py): TENGraD's jit_solve and max_batch_size.
-        self.jit_solve = bool(jit_solve)
-        self.max_batch_size = max_batch_size
+        self.jit_solve, self.max_batch_size = bool(jit_solve), max_batch_size
         self.variables = helper.variables
         self._cache: Cache | None = None
         self._schedule_memo: dict = {}
-        # callbacks.Diagnostics: keep the condition number of the damped Gram of each update.
-        self.diagnostics = False
+        self.diagnostics = False  # callbacks.Diagnostics: keep each update's condition number
         self.input_repeats = 1  # fisher="exact": rows per input row (per_sample._distinct)
         self.condition: tf.Variable | None = None
 
@@ -99,9 +98,8 @@ class FisherBlock(CurvatureBlock):
         """What to keep between curvature updates (cost.cache_kind). Small blocks cache their
         explicit inverse (cost.keeps_inverse), unless the block is part of the network's one
         solve or keeps several batches (the window's samples must be kept). Under adaptive
-        damping their per-sample gradients J are kept beside it: the exact quadratic model
-        projects on them, and a new λ rebuilds the inverse from them (`refactor`). `capacity`:
-        the cache's samples (default: the prepared cache's)."""
+        damping their per-sample gradients J are kept beside it: the exact quadratic model projects
+        on them, and a new λ rebuilds the inverse (`refactor`). `capacity`: default, the cache's."""
         capacity = self.capacity if capacity is None else capacity
         rows = None if capacity is None else capacity * self.input_repeats
         inverse = cost.keeps_inverse(self.helper.size, DIRECT_MAX_DIM, rows,
@@ -217,7 +215,9 @@ class FisherBlock(CurvatureBlock):
                 for k, t in fresh.items()}
 
     def _factorize(self, k, lam, samples=None) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        """The Cholesky factor of mλI + K (m real samples of K's rows; None: all of them)."""
+        """The Cholesky factor of mλ_mI + K (m real samples of K's rows; None: all of them)."""
+        lam = woodbury.batch_damping(lam, tf.shape(k)[0] if samples is None else samples,
+                                     self.damping_batch_size)
         with tf.name_scope("tengrad_cholesky"):
             damped = woodbury.factorize(k, lam, self.max_damping_retries, jit=self.jit_solve,
                                         samples=samples)
@@ -227,7 +227,8 @@ class FisherBlock(CurvatureBlock):
         return state, damped.retries
 
     def _inverse(self, j, lam, samples) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
-        """The explicit (F + λI)⁻¹ from the per-sample gradients J (m real samples of its rows)."""
+        """The explicit (F + λ_mI)⁻¹ from the per-sample gradients J (m real samples of its rows)."""
+        lam = woodbury.batch_damping(lam, samples, self.damping_batch_size)
         rows = tf.reshape(j, [tf.shape(j)[0], self.helper.size])
         inverse = woodbury.explicit_inverse(rows, lam, self.max_damping_retries, samples=samples)
         state = {"inverse": inverse.matrix, "damping": inverse.damping}
@@ -237,8 +238,8 @@ class FisherBlock(CurvatureBlock):
 
     def _damping_now(self) -> tf.Tensor:
         """λ as a float64 tensor (the optimizer's variable's current value when it adapts)."""
-        return tf.cast(tf.convert_to_tensor(self.damping, dtype_hint=woodbury.SOLVE_DTYPE),
-                       woodbury.SOLVE_DTYPE)
+        return woodbury.as_solve_dtype(self.damping)
+
     def curvature(self, step, inputs, output_grads):
         """Fresh curvature on update steps (every `curvature_update_freq`), the cached one
         otherwise. A cached factorization is always that of the current λ: an adaptive λ changes
@@ -312,12 +313,11 @@ class FisherBlock(CurvatureBlock):
         """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
         # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
         c, h = curvature, self.helper
+        v = h.to_matrix(grads)
         if "inverse" in c:
             with tf.name_scope("tengrad_solve"):
-                v = h.to_matrix(grads)
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
                 return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), h.matrix_shape))
-        v = h.to_matrix(grads)
         utv = self._project(c, v)
         with tf.name_scope("tengrad_solve"):
             damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)

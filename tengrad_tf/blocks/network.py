@@ -25,8 +25,9 @@ class NetworkSolve:
     key = "curvature_network"
 
     def __init__(self, damping, max_damping_retries: int = 6, jit_solve: bool = False,
-                 adaptive_damping: bool = False):
+                 adaptive_damping: bool = False, damping_batch_size: int | None = None):
         self.damping = damping
+        self.damping_batch_size = damping_batch_size  # as the blocks' (woodbury.batch_damping)
         self.max_damping_retries = max_damping_retries
         self.jit_solve = jit_solve
         self.adaptive_damping = adaptive_damping
@@ -70,8 +71,7 @@ class NetworkSolve:
         """The factorization of mλI + Σ_b K_b: computed from this step's Grams when `fresh`, else
         the cached one (always that of the current λ: see `refactor`). `samples`: m (the Grams
         may be zero-padded to the cache's capacity)."""
-        lam = tf.cast(tf.convert_to_tensor(self.damping, dtype_hint=woodbury.SOLVE_DTYPE),
-                      woodbury.SOLVE_DTYPE)
+        lam = woodbury.as_solve_dtype(self.damping)
         cached = {k: v.read_value() for k, v in self._cache.items()}
         with tf.name_scope("tengrad_cholesky"):
             return tf.cond(fresh, lambda: self._factorize(
@@ -79,6 +79,7 @@ class NetworkSolve:
                 lambda: (cached, tf.constant(0)))
 
     def _factorize(self, gram, lam, samples):
+        lam = woodbury.batch_damping(lam, samples, self.damping_batch_size)
         damped = woodbury.factorize(gram, lam, self.max_damping_retries, jit=self.jit_solve,
                                     samples=samples)
         state = {"cholesky": damped.cholesky, "damping": damped.damping}
