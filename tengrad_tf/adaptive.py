@@ -161,7 +161,6 @@ class DampingAdaptation:
     stepped: list  # (variable, its value before the step, its momentum slot)
     # refactor(λ): refactorize every cached Gram for a new λ, and the retries that took (int32)
     refactor: Callable[[tf.Tensor], tf.Tensor]
-    h0_summed: bool  # h0 is the sum over replicas already (tf.distribute)
     damping: tf.Variable  # λ, float64
     damping_retries: tf.Variable
     interval: int  # damping_adaptation_interval
@@ -191,7 +190,7 @@ class DampingAdaptation:
             h0 = distribute.sum_across_replicas_if(
                 context, adapt, lambda *inputs: replayer.baseline(list(inputs)),
                 tuple(replayer.inputs()), zero)
-        return cls(replayer, adapt, h0, predicted, stepped, refactor, summed, **variables)
+        return cls(replayer, adapt, h0, predicted, stepped, refactor, **variables)
 
     def finish(self, taken, context) -> None:
         """After the update, on the steps that adapt λ (and only if the step was taken): the
@@ -208,8 +207,9 @@ class DampingAdaptation:
             # merge would otherwise be used for all). λ is a mirrored variable, whose update in
             # replica context is a merge_call, which cannot sit in a cond branch: `_adapt` runs
             # on every step, gated by `go`.
-            (h0,) = [self.h0] if self.h0_summed else distribute.all_reduce_sum(context,
-                                                                               [self.h0])
+            # A replayed h(θ) was summed over the replicas in `begin`.
+            (h0,) = ([self.h0] if self.replayer.replays_baseline
+                     else distribute.all_reduce_sum(context, [self.h0]))
             h1 = distribute.sum_across_replicas_if(
                 context, go, lambda *inputs: self.replayer.evaluate(list(inputs)),
                 tuple(self.replayer.inputs()), tf.constant(0.0, F64))

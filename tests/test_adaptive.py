@@ -293,8 +293,7 @@ def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_i
         adaptation = adaptive.DampingAdaptation(
             replayer=None, adapt=tf.constant(True), h0=tf.constant(0.0, tf.float64),
             predicted=tf.constant(-1.0, tf.float64), stepped=[],
-            refactor=lambda new: tf.constant(0), h0_summed=False,
-            damping=variable(lam, tf.float64),
+            refactor=lambda new: tf.constant(0), damping=variable(lam, tf.float64),
             damping_retries=variable(0, tf.int64), interval=5,
             checks=variable(spacing, tf.int64), floor=0.1,
             reduction_ratio=variable(0.0, tf.float64), rejected_steps=variable(0, tf.int64))
