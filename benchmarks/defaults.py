@@ -67,6 +67,8 @@ VARIANTS = {
     "TENGraD(damping_batch_size=None)": dict(damping_batch_size=None),
     "TENGraD(curvature_batches=4, curvature_update_freq=20)":
         dict(curvature_batches=4, curvature_update_freq=20),
+    # λ·D_A ⊗ I for Dense and convolution blocks (docs/step.md, "The damping metric").
+    "TENGraD(damping_metric='inputs')": dict(damping_metric="inputs"),
 }
 
 

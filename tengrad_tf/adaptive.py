@@ -2,7 +2,7 @@
 
 The model of the loss around θ on the step's batch is
 
-    M(s) = −gᵀs + ½ sᵀ C s,   C = F + λI on the preconditioned variables,
+    M(s) = −gᵀs + ½ sᵀ C s,   C = F + λD on the preconditioned variables,
 
 with F the exact Fisher of *all* blocks together, (1/m) U Uᵀ where U stacks every block's per-sample
 gradients (cross-block terms included): xᵀFy = (1/m) (Σ_b U_bᵀx_b)·(Σ_b U_bᵀy_b). The projections
@@ -12,7 +12,8 @@ with F = 0 (C = λI), except under first_order="adam", where Adam's own diagonal
 C = diag(√v̂ + ε)/η (the one its step minimizes) stands for them, separately.
 
 Every step of the preconditioned variables lies in the span of two vectors: the natural-gradient
-direction d = (F_b + λI)⁻¹ g, block by block, and the previous step (or momentum buffer) p. With
+direction d = (F_b + λD_b)⁻¹ g, block by block (D_b = I without a damping metric), and the
+previous step (or momentum buffer) p. With
 a = (coefficient of d, coefficient of p), M(s) = −aᵀb + ½ aᵀGa for the 2 × 2 matrix
 G = [dᵀCd, dᵀCp; pᵀCd, pᵀCp] and b = [gᵀd, gᵀp] (`Subspace`). So:
 
@@ -69,18 +70,22 @@ class Subspace:
 
     @classmethod
     def of(cls, blocks, d, p, g, samples=None) -> "Subspace":
-        """`blocks`: [(project, damping, indices)] with project(vectors) = U_bᵀv (m, 1) over the
-        block's variables (None for a block with F = 0), damping its λ (float64 scalar) and
-        indices its variables' positions in the lists d, p, g. `samples`: m, when the
+        """`blocks`: [(project, damping, indices[, metric])] with project(vectors) = U_bᵀv (m, 1)
+        over the block's variables (None for a block with F = 0), damping its λ (float64 scalar),
+        indices its variables' positions in the lists d, p, g, and metric(vectors) = Lᵀv for a
+        damping metric D = LLᵀ (blocks/metric.py; absent or None: D = I). `samples`: m, when the
         projections have zero-padded rows beyond it (None: their length)."""
         u_d, u_p, terms = [], [], []
-        for project, damping, ids in blocks:
+        for project, damping, ids, *metric in blocks:
             db, pb, gb = [d[i] for i in ids], [p[i] for i in ids], [g[i] for i in ids]
             if project is not None:
                 u_d.append(tf.cast(project(db), F64))
                 u_p.append(tf.cast(project(pb), F64))
-            # [dᵀd, dᵀp, pᵀp, dᵀg, pᵀg], the first three times λ
+            # [dᵀd, dᵀp, pᵀp, dᵀg, pᵀg], the first three times λ (in D's metric)
             products = tf.gather_nd(inner_products([db, pb, gb]), _PAIRS)
+            if metric and metric[0] is not None:
+                in_metric = inner_products([metric[0](db), metric[0](pb)])
+                products = tf.concat([tf.gather_nd(in_metric, _PAIRS[:3]), products[3:]], 0)
             terms.append(products * tf.stack([damping, damping, damping, 1.0, 1.0]))
         dd, dp, pp, gd, gp = tf.unstack(tf.add_n(terms))
         if u_d:
@@ -116,12 +121,14 @@ def model_value(blocks, s, g, samples=None) -> tf.Tensor:
     """M(s) = −gᵀs + ½ sᵀCs for one step s, with `blocks`, the lists and `samples` as in
     `Subspace.of`: one projection U_bᵀs per block, where the model of span{d, p} needs two."""
     u, terms = [], []
-    for project, damping, ids in blocks:
+    for project, damping, ids, *metric in blocks:
         sb, gb = [s[i] for i in ids], [g[i] for i in ids]
         if project is not None:
             u.append(tf.cast(project(sb), F64))
         products = inner_products([sb, gb])
-        terms.append(0.5 * damping * products[0, 0] - products[0, 1])
+        ss = (products[0, 0] if not metric or metric[0] is None
+              else inner_products([metric[0](sb)])[0, 0])
+        terms.append(0.5 * damping * ss - products[0, 1])
     value = tf.add_n(terms)
     if u:
         u = tf.add_n(u)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from tengrad_tf.blocks import FisherBlock
+from tengrad_tf.blocks import FisherBlock, metric
 from tengrad_tf.blocks.network import NetworkSolve
 from tengrad_tf.preconditioned import PreconditionedOptimizer
 from tengrad_tf.record import BindingError
@@ -46,6 +46,12 @@ class TENGraD(PreconditionedOptimizer):
         damping_batch_size: int or None. A Fisher block of m samples is damped with
             λ·√(damping_batch_size / m) (woodbury.batch_damping): more at small batches, whose
             Fisher and gradient are noisier, less at large ones. None: λ at every batch size.
+        damping_metric: "identity" damps every block with λI, as the paper does. "inputs" damps
+            a Dense or convolution block with λ·D_A ⊗ I, D_A its inputs' normalized second moment
+            (blocks/metric.py): the damping then charges a step for the change of the layer's
+            outputs, not of its weights, as K-FAC's input factor does (docs/step.md, "The damping
+            metric"). F stays the exact Fisher. Other blocks, and layers with more than 2,048
+            inputs, keep λI (`summary()` says which).
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.
         fisher: "true" samples labels from the model's predictive distribution (an extra backward
@@ -99,6 +105,7 @@ class TENGraD(PreconditionedOptimizer):
         learning_rate=0.003,
         damping=0.1,
         damping_batch_size=128,
+        damping_metric="identity",
         momentum=0.9,
         adaptive_damping=True,
         damping_adaptation_interval=5,
@@ -142,6 +149,13 @@ class TENGraD(PreconditionedOptimizer):
               "expected an int >= 1")
         check("curvature_batches", curvature_batches, is_int(curvature_batches, 1),
               "expected an int >= 1")
+        check("damping_metric", damping_metric, damping_metric in metric.METRICS,
+              f"expected one of {metric.METRICS}")
+        # The window's older rows and the network's shared solve would mix coordinates whitened
+        # by different factors; not implemented.
+        check("damping_metric", damping_metric,
+              damping_metric == "identity" or (fisher_blocks == "layer" and curvature_batches == 1),
+              "'inputs' needs fisher_blocks='layer' and curvature_batches=1")
         check("lagged_curvature", lagged_curvature, isinstance(lagged_curvature, bool),
               "expected True or False")
         check("memory_budget", memory_budget, is_int(memory_budget, 2**20),
@@ -168,6 +182,7 @@ class TENGraD(PreconditionedOptimizer):
         )
         self.damping = float(damping)
         self.damping_batch_size = damping_batch_size
+        self.damping_metric = damping_metric
         self.adaptive_damping = adaptive_damping
         self.damping_adaptation_interval = int(damping_adaptation_interval)
         self.fisher_blocks = fisher_blocks
@@ -188,7 +203,7 @@ class TENGraD(PreconditionedOptimizer):
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
             adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
             curvature_batches=self.curvature_batches, lagged_curvature=self.lagged_curvature,
-            damping_batch_size=self.damping_batch_size)
+            damping_batch_size=self.damping_batch_size, damping_metric=self.damping_metric)
 
     def _make_network_solve(self):
         if self.fisher_blocks != "network":
@@ -212,6 +227,7 @@ class TENGraD(PreconditionedOptimizer):
         config.update({
             "damping": self.damping,
             "damping_batch_size": self.damping_batch_size,
+            "damping_metric": self.damping_metric,
             "adaptive_damping": self.adaptive_damping,
             "damping_adaptation_interval": self.damping_adaptation_interval,
             "fisher_blocks": self.fisher_blocks,

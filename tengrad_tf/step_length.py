@@ -14,6 +14,7 @@ import logging
 import tensorflow as tf
 
 from tengrad_tf import adaptive, output_grads, replay
+from tengrad_tf.blocks import metric
 from tengrad_tf.first_order import FIRST_ORDER_ADAM
 from tengrad_tf.step import Step, inner_product
 
@@ -33,8 +34,8 @@ class StepLength:
         # learning_rate="auto" mode, and on the steps that adapt the damping.
         modelled = []
         if self.adaptive_learning_rate or self.adaptive_damping:  # TENGraD's exact blocks only
-            modelled = [(lambda v, b=b, c=c: b.project(v, c), c["damping"], ids)
-                        for b, ids, c in step.parts]
+            modelled = [(lambda v, b=b, c=c: b.project(v, c), c["damping"], ids,
+                         _metric_of(b, c)) for b, ids, c in step.parts]
             if self.first_order != FIRST_ORDER_ADAM:  # variables with F = 0: C = λI
                 modelled += [(None, self._damping_tensor(), [i]) for i in step.first_order]
         # m of the projections U_bᵀv, which are zero-padded when the cache's capacity is fixed.
@@ -56,7 +57,7 @@ class StepLength:
                             coefficients * tf.linalg.matvec(model.gram, coefficients)))
                     self.step_coefficients.assign(coefficients)
                     a0, a1 = tf.unstack(coefficients)
-                    for i in {i for _, _, ids in modelled for i in ids}:
+                    for i in {i for _, _, ids, *_ in modelled for i in ids}:
                         dtype = grads[i].dtype
                         directions[i] = (tf.cast(a0, dtype) * directions[i]
                                          + tf.cast(a1, dtype) * tf.cast(slots[i], dtype))
@@ -143,7 +144,7 @@ class StepLength:
                 s = directions
             else:  # s = lr·(μ p + d), p the momentum buffer (update_step's rule)
                 s = {}
-                for i in {i for _, _, ids in modelled for i in ids}:
+                for i in {i for _, _, ids, *_ in modelled for i in ids}:
                     d, dtype = directions[i], directions[i].dtype
                     if self.momentum:
                         p = self._momentums[self._get_variable_index(variables[i])]
@@ -173,3 +174,10 @@ class StepLength:
             damping_retries=self.damping_retries, interval=every, checks=self.check_interval,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)
+
+
+def _metric_of(block, curvature):
+    """v ↦ Lᵀv for a block damped with a metric D = LLᵀ (blocks/metric.py), else None (D = I)."""
+    if "metric" not in curvature:
+        return None
+    return lambda vectors: [metric.metric_coordinates(curvature, block.helper.to_matrix(vectors))]

@@ -40,6 +40,10 @@ CONFIGS = {
     "true_clipnorm": ("TENGraD", dict(
         fisher="true", learning_rate=0.1, damping=0.05, momentum=0.0, kl_clip=None,
         curvature_update_freq=1, clipnorm=0.05)),
+    # D_A of the global batch's inputs: a replica's own would damp each replica differently.
+    "input_metric_reuse": ("TENGraD", dict(
+        fisher="true", learning_rate=0.1, damping=0.05, momentum=0.9, kl_clip=None,
+        curvature_update_freq=2, damping_metric="inputs")),
     "kfac_true": ("KFAC", dict(
         fisher="true", learning_rate=0.1, damping=0.05, momentum=0.9, kl_clip=1e-6,
         cov_update_freq=1, inv_update_freq=2, stat_decay=0.5)),

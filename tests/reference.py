@@ -47,15 +47,29 @@ def natural_gradient(per_sample_losses, fisher_losses, blocks, damping):
     return out
 
 
-def block_direction(u_blocks, g_blocks, damping):
-    """d = (F + λI)⁻¹ g for one block. u_blocks: list of (m, size) for kernel, bias; g likewise."""
+def block_direction(u_blocks, g_blocks, damping, metric=None):
+    """d = (F + λD)⁻¹ g for one block. u_blocks: list of (m, size) for kernel, bias; g likewise;
+    `metric`: D (d × d, in the order of the flattened kernel then bias), or None for D = I."""
     u = np.concatenate(u_blocks, axis=1).T  # (d, m)
     g = np.concatenate(g_blocks)
     m = u.shape[1]
     fisher = u @ u.T / m
-    d = np.linalg.solve(fisher + damping * np.eye(fisher.shape[0]), g)
+    metric = np.eye(fisher.shape[0]) if metric is None else metric
+    d = np.linalg.solve(fisher + damping * metric, g)
     sizes = np.cumsum([b.shape[1] for b in u_blocks])[:-1]
     return np.split(d, sizes)
+
+
+def input_metric(rows, d_out, identity_share):
+    """D = D_A ⊗ I for a layer whose kernel-and-bias matrix is (D_in × d_out), from its n input
+    rows (n, D_in), the bias's column of ones included: D_A = (Ā + γāI) / ((1 + γ)ā) with
+    Ā = (1/n) Σ ââᵀ, ā = tr(Ā)/D_in and γ = `identity_share`. In the flattened order of kernel
+    (D_in − 1, d_out) then bias (d_out,), entry (r, j) of the matrix is index r·d_out + j."""
+    rows = np.asarray(rows, np.float64)
+    moment = rows.T @ rows / rows.shape[0]
+    mean = np.trace(moment) / rows.shape[1]
+    d_a = (moment + identity_share * mean * np.eye(rows.shape[1])) / ((1 + identity_share) * mean)
+    return np.kron(d_a, np.eye(d_out))
 
 
 def plain_step(blocks, fisher_rows, rows, damping, lr):
@@ -118,7 +132,7 @@ def penalty_gradients(model, penalty, variables):
 
 
 def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, sample_weight=None,
-                         penalty=None, blocks=None):
+                         penalty=None, blocks=None, metrics=None):
     """{variable path: natural-gradient direction}, a block for each layer with an exact block
     (`layer_blocks`, or the given `blocks`), d = g elsewhere.
 
@@ -130,6 +144,7 @@ def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, s
     to g but is not part of any per-sample gradient, so F comes from the loss alone:
     d = (F + λI)⁻¹ (g_loss + g_penalty).
     `x` and the labels may be lists (multi-input / multi-output models); m comes from the losses.
+    `metrics`: {first variable's path: D} damps those blocks with λD (`input_metric`), not λI.
     """
     variables = model.trainable_variables
     g_per = per_sample_gradients(model, x, y_true, per_sample_loss, variables)
@@ -145,7 +160,8 @@ def reference_directions(model, x, y_true, y_fisher, per_sample_loss, damping, s
     directions = dict(g)
     for block in layer_blocks(model) if blocks is None else blocks:
         vars_ = [v for v in block if v is not None]
-        ds = block_direction([u_per[v.path] for v in vars_], [g[v.path] for v in vars_], damping)
+        ds = block_direction([u_per[v.path] for v in vars_], [g[v.path] for v in vars_], damping,
+                             (metrics or {}).get(vars_[0].path))
         for v, d in zip(vars_, ds):
             directions[v.path] = d
     return directions, g

@@ -16,6 +16,7 @@ import tensorflow as tf
 
 from tengrad_tf import TENGraD, adaptive, replay
 from tests import reference
+from tests.blocks.test_metric import dense_rows, metrics_of
 from tests.helpers import data, dcgan_step, mlp, per_sample_sce, plain, sce
 
 
@@ -33,16 +34,17 @@ def next_damping(lam, rho, every):
 
 
 def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto", lagged=True,
-             batch_scale=1.0):
+             batch_scale=1.0, input_metric=False):
     """The adaptive TENGraD step, in numpy, on a clone of `model`: [(weights, a, ρ, λ)] per step.
 
     learning_rate="auto": the step is the model's minimizer in span{d, previous step}. A float:
     Keras's momentum (buffer ← μ·buffer + d, step lr·buffer) and λ never below its initial value.
-    The blocks of m samples are damped with λ·batch_scale (damping_batch_size: √(it / m))."""
+    The blocks of m samples are damped with λ·batch_scale (damping_batch_size: √(it / m)), times
+    D = D_A ⊗ I of the Fisher's batch with `input_metric` (damping_metric="inputs"), else I."""
     variables = model.trainable_variables
     paths = [v.path for v in variables]
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
-    lam, cached, out = damping, None, []
+    lam, cached, cached_metric, out = damping, None, None, []
     # Damping checks: every step here (damping_adaptation_interval=1) and after a step with
     # ρ < 1/4; with a fixed learning rate a check that leaves λ as it was (at its floor or above),
     # with ρ ≥ 1/4, doubles the steps to the next (up to 8).
@@ -57,16 +59,27 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
         rows = reference.per_sample_gradients(model, xb, yb, per_sample_sce, variables)
         g = {p: r.mean(axis=0) for p, r in rows.items()}
         # An update step takes the Fisher of the update before it when lagged (its own if none).
-        fisher_of = cached if t % freq or (lagged and cached is not None) else rows
+        metric = (metrics_of(model, xb, {layer: dense_rows for layer in model.layers})
+                  if input_metric else {kernel: np.eye(rows[kernel].shape[1] + rows[bias].shape[1])
+                                        for kernel, bias in blocks})
+        reuse = t % freq or (lagged and cached is not None)
+        fisher_of, metric_of = (cached, cached_metric) if reuse else (rows, metric)
         if t % freq == 0:
-            cached = rows
+            cached, cached_metric = rows, metric
         d = {}
         for kernel, bias in blocks:
             d[kernel], d[bias] = reference.block_direction([fisher_of[kernel], fisher_of[bias]],
-                                                           [g[kernel], g[bias]], lam * batch_scale)
+                                                           [g[kernel], g[bias]], lam * batch_scale,
+                                                           metric_of[kernel])
         flat = lambda v: np.concatenate([np.ravel(v[p]) for p in paths])  # noqa: E731
         u = np.concatenate([fisher_of[p] for p in paths], axis=1)  # (m, all parameters)
-        curvature = u.T @ u / m + lam * batch_scale * np.eye(u.shape[1])  # the network's F + λI
+        damped = np.zeros((u.shape[1],) * 2)  # D of every block, on the diagonal
+        at = 0
+        for kernel, _ in blocks:
+            size = len(metric_of[kernel])
+            damped[at:at + size, at:at + size] = metric_of[kernel]
+            at += size
+        curvature = u.T @ u / m + lam * batch_scale * damped  # the network's F + λD
         dv, pv, gv = flat(d), flat(previous), flat(g)
         gram = np.array([[dv @ curvature @ dv, dv @ curvature @ pv],
                          [pv @ curvature @ dv, pv @ curvature @ pv]])
@@ -113,6 +126,7 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, *
     reference_batch = options.get("damping_batch_size", 128)
     expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
                         lagged=options.get("lagged_curvature", True),
+                        input_metric=options.get("damping_metric") == "inputs",
                         batch_scale=1.0 if reference_batch is None else np.sqrt(reference_batch / m))
     opt = TENGraD(learning_rate=learning_rate, momentum=momentum, damping=damping, kl_clip=None,
                   fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
@@ -135,6 +149,17 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, *
 def test_adaptive_step_matches_the_float64_simulation(float64, momentum):
     check_against_simulation(m=8, steps=4, freq=3, damping=0.5, momentum=momentum,
                              learning_rate="auto")
+
+
+@pytest.mark.parametrize("momentum", ["auto", 0.5])
+def test_adaptive_step_with_the_input_metric_matches_the_float64_simulation(float64, momentum):
+    """damping_metric="inputs": the blocks' λD and the quadratic model's sᵀ(F + λD)s, with D of
+    the Fisher's batch, kept with the cached curvature and refactorized for each new λ."""
+    check_against_simulation(m=8, steps=4, freq=3, damping=0.5, momentum=momentum,
+                             learning_rate="auto", damping_metric="inputs")
+    if momentum == 0.5:  # and M(s) of the default mode's momentum step, with a fixed lr
+        check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9,
+                                 learning_rate=1.5, damping_metric="inputs")
 
 
 @pytest.mark.parametrize("lagged, damping_batch_size", [(True, 128), (False, 128), (True, None)])

@@ -96,9 +96,11 @@ def _logit_jacobians(logits_model, x, variables):
     return {v.path: np.reshape(j.numpy(), (m, k, -1)) for v, j in zip(variables, jac)}, logits
 
 
-def _exact_fisher_directions(model, logits_model, x, y, loss, damping, sample_weight=None):
+def _exact_fisher_directions(model, logits_model, x, y, loss, damping, sample_weight=None,
+                             metrics=None):
     """d = (F + λI)⁻¹ g per layer, F = (1/m) Σᵢ wᵢ Jᵢᵀ (diag pᵢ − pᵢpᵢᵀ) Jᵢ from the logits'
-    Jacobians Jᵢ: the softmax Fisher in closed form, with no labels at all."""
+    Jacobians Jᵢ: the softmax Fisher in closed form, with no labels at all. `metrics`: λD
+    instead of λI for those blocks ({first variable's path: D}, tests/reference.py)."""
     variables = model.trainable_variables
     jac, logits = _logit_jacobians(logits_model, x, variables)
     p = tf.nn.softmax(logits).numpy()
@@ -113,8 +115,8 @@ def _exact_fisher_directions(model, logits_model, x, y, loss, damping, sample_we
         j = np.concatenate([jac[v.path] for v in vs], axis=2)  # (m, k, d)
         h = np.stack([np.diag(pi) - np.outer(pi, pi) for pi in p])  # (m, k, k)
         f = np.einsum("i,iac,iab,ibd->cd", w, j, h, j) / m
-        d = np.linalg.solve(f + damping * np.eye(f.shape[0]), np.concatenate([g[v.path]
-                                                                               for v in vs]))
+        metric = (metrics or {}).get(vs[0].path, np.eye(f.shape[0]))
+        d = np.linalg.solve(f + damping * metric, np.concatenate([g[v.path] for v in vs]))
         out.update(zip([v.path for v in vs], np.split(d, np.cumsum([int(np.prod(v.shape)) for v in vs])[:-1])))
     return out
 
@@ -157,6 +159,27 @@ def test_exact_fisher_step_is_the_softmax_fisher_in_closed_form(float64, name, k
     model.compile(optimizer=opt, loss=loss)
     model.fit(x, y, sample_weight=weight, batch_size=m, epochs=1, shuffle=False, verbose=0)
     assert set(expected) == set(before)
+    for v in model.trainable_variables:
+        np.testing.assert_allclose(v.numpy().ravel(), before[v.path] - LR * expected[v.path],
+                                   rtol=1e-9, atol=1e-12, err_msg=v.path)
+
+
+def test_exact_fisher_with_the_input_metric(float64):
+    """fisher="exact" repeats each input row once per class in the Gram; D_A is still the second
+    moment of the batch's own inputs."""
+    from tests.blocks.test_metric import dense_rows, metrics_of
+
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=(6, 5)), rng.integers(0, 3, 6)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, "tanh"),
+                              keras.layers.Dense(3)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = metrics_of(model, x, {layer: dense_rows for layer in model.layers})
+    expected = _exact_fisher_directions(model, model, x, y, loss, DAMPING, metrics=metrics)
+    before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
+    model.compile(optimizer=plain(learning_rate=LR, damping=DAMPING, fisher="exact",
+                                 damping_metric="inputs"), loss=loss)
+    model.fit(x, y, batch_size=6, epochs=1, shuffle=False, verbose=0)
     for v in model.trainable_variables:
         np.testing.assert_allclose(v.numpy().ravel(), before[v.path] - LR * expected[v.path],
                                    rtol=1e-9, atol=1e-12, err_msg=v.path)

@@ -79,15 +79,18 @@ def initial_weights():
     return cnn().get_weights()
 
 
-@pytest.mark.parametrize("fisher_type", ["empirical", "true", "exact"])
-def test_mixed_precision_update_matches_float32(fixed_sampled_labels, fisher_type):
-    """Three steps at curvature_update_freq=2 (fresh, cached, fresh curvature), both policies."""
+@pytest.mark.parametrize("fisher_type, metric", [("empirical", "identity"), ("true", "identity"),
+                                                 ("exact", "identity"), ("true", "inputs")])
+def test_mixed_precision_update_matches_float32(fixed_sampled_labels, fisher_type, metric):
+    """Three steps at curvature_update_freq=2 (fresh, cached, fresh curvature), both policies;
+    with the damping metric too (D_A from the float16 inputs, its factor in float32)."""
     _, y = data()
     fixed_sampled_labels["y"] = (y + 1) % 3  # the same sampled labels in every run
     init = initial_weights()
-    _, reference = train("float32", tengrad(fisher=fisher_type), init, steps=3)
+    _, reference = train("float32", tengrad(fisher=fisher_type, damping_metric=metric), init,
+                         steps=3)
     for policy, tolerance in TOLERANCE.items():
-        opt = tengrad(fisher=fisher_type)
+        opt = tengrad(fisher=fisher_type, damping_metric=metric)
         model, update = train(policy, opt, init, steps=3)
         assert isinstance(model.optimizer, keras.optimizers.LossScaleOptimizer) == (
             policy == "mixed_float16")  # Keras's own wrapping: the case this file is about

@@ -35,6 +35,9 @@ CONFIGS = {
     # The explicit inverse of small blocks is cached only with a fixed damping.
     "tengrad-true-inverse": lambda: TENGraD(learning_rate=0.05, fisher="true",
                                             curvature_update_freq=3, adaptive_damping=False),
+    # The damping metric's factor L_A is cached with the curvature it whitened.
+    "tengrad-metric": lambda: TENGraD(learning_rate=0.05, fisher="true", curvature_update_freq=3,
+                                      damping_metric="inputs"),
     "kfac-true": lambda: KFAC(learning_rate=0.05, fisher="true", kl_clip=1e-2, stat_decay=0.9,
                               cov_update_freq=2, inv_update_freq=3),
 }

@@ -37,7 +37,8 @@ SPECIFIC_BAD = {
               ("max_damping_retries", -1), ("max_damping_retries", None),
               ("jit_solve", "yes"), ("jit_solve", 1), ("max_batch_size", 0),
               ("max_batch_size", 64.0), ("damping_batch_size", 0),
-              ("damping_batch_size", 128.0)],
+              ("damping_batch_size", 128.0), ("damping_metric", "kronecker"),
+              ("damping_metric", None)],
     KFAC: [("damping", -1.0), ("stat_decay", 1.0), ("stat_decay", -0.5), ("learning_rate", "auto"),
            ("cov_update_freq", 0), ("inv_update_freq", 1.5), ("inverse_method", "lu")],
 }

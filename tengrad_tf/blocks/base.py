@@ -14,16 +14,14 @@ import keras
 import tensorflow as tf
 
 from tengrad_tf import eager_state, layers, woodbury
-from tengrad_tf.blocks import cost, gram, per_sample, schedule, tokens
+from tengrad_tf.blocks import cost, gram, metric, per_sample, schedule, tokens
 from tengrad_tf.blocks.cache import Cache, cache_layout, capacity_for
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.blocks.protocol import CurvatureBlock
 
-#: Blocks with at most this many parameters (d) cache the explicit d × d inverse (F + λI)⁻¹ in
-#: float64, ≤ 8 MiB (under adaptive damping only for d ≤ 4m, cost.keeps_inverse): computed on update
-#: steps by a direct d × d Cholesky when the batch has at least d samples and through Woodbury
-#: otherwise, so that a step between updates is one d × d product instead of the factored Uᵀv,
-#: solve and U s. Tests set it to 0 to exercise the factored caches on tiny layers.
+#: Blocks with at most this many parameters (d) cache the explicit float64 (F + λI)⁻¹, ≤ 8 MiB
+#: (adaptive damping: d ≤ 4m, cost.keeps_inverse), so that a step between updates is one d × d
+#: product, not Uᵀv, solve and U s. Tests set it to 0 to exercise the factored caches.
 DIRECT_MAX_DIM = 1024
 
 
@@ -41,7 +39,8 @@ class FisherBlock(CurvatureBlock):
                  max_damping_retries: int = 6, jit_solve: bool = False,
                  max_batch_size: int | None = None, adaptive_damping: bool = False,
                  joint: bool = False, curvature_batches: int = 1,
-                 lagged_curvature: bool = False, damping_batch_size: int | None = None):
+                 lagged_curvature: bool = False, damping_batch_size: int | None = None,
+                 damping_metric: str = "identity"):
         helper = layers.helper_for(layer)
         if helper is None or not helper.captures:
             raise ValueError(f"no exact Fisher block for layer '{layer.name}' "
@@ -55,6 +54,7 @@ class FisherBlock(CurvatureBlock):
         # is λ at `damping_batch_size` samples; m samples take λ_m (woodbury.batch_damping).
         self.damping, self.damping_batch_size = damping, damping_batch_size
         self.adaptive_damping = bool(adaptive_damping)
+        self.metric = metric.DampingMetric(helper, damping_metric)  # λD_A ⊗ I or λI
         # Part of the whole network's Fisher (blocks/network.py): the block caches what its
         # layer needs and hands over its Gram; the one m × m solve of all blocks is not its own.
         self.joint = bool(joint)
@@ -120,7 +120,7 @@ class FisherBlock(CurvatureBlock):
                               if cache is CacheKind.INVERSE and self.adaptive_damping else "")
         return (
             f"{self.kind} block of layer '{self.layer.name}' ({self.helper.describe_parameters()}, "
-            f"P={'dynamic' if p is None else p}; {route}; caches {kept})"
+            f"P={'dynamic' if p is None else p}; {route}; caches {kept}{self.metric.describe()})"
         )
 
     # ---- state -----------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ class FisherBlock(CurvatureBlock):
         cost.check_repeated_gram(self.layer.name, capacity, self.input_repeats, self.memory_budget)
         fields = cache_layout(self.helper, self.cache_kind(p, capacity), capacity, p,
                               adaptive_damping=self.adaptive_damping, joint=self.joint,
-                              window=self.curvature_batches > 1)
+                              window=self.curvature_batches > 1, whitened=self.metric.whitens)
         self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size, ones=("damping",))
         if self.diagnostics:
             with eager_state.outside_the_step():
@@ -170,7 +170,8 @@ class FisherBlock(CurvatureBlock):
     def compute_curvature(self, inputs: list[tf.Tensor], output_grads: list[tf.Tensor]
                           ) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """This step's cache, Gram and Cholesky factor: ({name: tensor}, damping retries)."""
-        h = self.helper
+        # Under a damping metric, the curvature of whitened input rows (metric.py).
+        h, white = self.metric.helper_for_curvature(self.helper, inputs, self.memory_budget)
         p = gram.total_positions(h, inputs)
         cache = self.cache_kind(p)
         if cache is CacheKind.INVERSE:
@@ -178,7 +179,7 @@ class FisherBlock(CurvatureBlock):
                 j = gram.per_sample_gradients(h, inputs, output_grads, self.memory_budget)
                 state, retries = self._inverse(
                     j, self._damping_now(), tf.cast(tf.shape(j)[0], woodbury.SOLVE_DTYPE))
-                return ({**state, "j": j} if self.adaptive_damping else state), retries
+                return {**state, **white, **({"j": j} if self.adaptive_damping else {})}, retries
         with tf.name_scope("tengrad_gram"):
             if self.curvature_batches > 1:
                 fresh = gram.cache_fields(h, cache, inputs, output_grads, self.memory_budget)
@@ -197,16 +198,15 @@ class FisherBlock(CurvatureBlock):
             state["gram"] = tf.cast(k, woodbury.SOLVE_DTYPE)
             return state, tf.constant(0)
         solve, retries = self._factorize(k, self._damping_now())
-        state.update(solve)
+        state.update(solve, **white)
         if self.adaptive_damping:
             state.update(gram=tf.cast(k, woodbury.SOLVE_DTYPE),
                          samples=tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE))
         return state, retries
 
     def _window(self, fresh: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """curvature_batches = k: this batch's samples first, then up to (k − 1)·m of those the
-        cache holds from the previous curvature updates (its real samples, not its zero padding);
-        the oldest go."""
+        """curvature_batches = k: this batch's samples first, then up to (k − 1)·m real (not
+        padding) samples of the previous updates in the cache; the oldest go."""
         m = tf.shape(next(iter(fresh.values())))[0]
         held = tf.cast(self._cache.variables["samples"], tf.int32)
         keep = tf.where(self._cache.filled,
@@ -290,10 +290,8 @@ class FisherBlock(CurvatureBlock):
         return retries
 
     def preconditioner(self, step, curvature: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """With lagged curvature, an update step is preconditioned by the previous update's
-        curvature, still in the cache (the first one, with none, by its own); `curvature`, the
-        fresh one, is kept for the steps after. Why: a batch's gradient lies mostly in the span of
-        its own per-sample gradients, which its own Fisher damps most (docs/step.md)."""
+        """With lagged curvature, an update step takes the previous update's curvature (the first
+        its own); `curvature`, the fresh one, is kept for the steps after (docs/step.md, why)."""
         if not self.lagged_curvature:
             return curvature
 
@@ -310,25 +308,27 @@ class FisherBlock(CurvatureBlock):
         return tf.logical_and(schedule.every(step, self.curvature_update_freq), self._cache.filled)
 
     def precondition(self, grads: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> list[tf.Tensor]:
-        """(F + λI)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
+        """(F + λD)⁻¹ g for this block's gradients, with the given (fresh or cached) curvature."""
         # The name scopes mark the parts of a step in profiles (benchmarks/profile_step.py).
         c, h = curvature, self.helper
-        v = h.to_matrix(grads)
+        v = metric.whiten(c, h.to_matrix(grads))  # (F + λD)⁻¹ = L⁻ᵀ(L⁻¹FL⁻ᵀ + λI)⁻¹L⁻¹
         if "inverse" in c:
             with tf.name_scope("tengrad_solve"):
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
-                return h.from_matrix(tf.reshape(tf.cast(d, v.dtype), h.matrix_shape))
-        utv = self._project(c, v)
-        with tf.name_scope("tengrad_solve"):
-            damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
-            return h.from_matrix(woodbury.inverse_times(
-                v, utv, lambda s: self._combine(c, s), damped, jit=self.jit_solve))
+                d = tf.reshape(tf.cast(d, v.dtype), h.matrix_shape)
+        else:
+            utv = self._project(c, v)
+            with tf.name_scope("tengrad_solve"):
+                damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
+                d = woodbury.inverse_times(v, utv, lambda s: self._combine(c, s), damped,
+                                           jit=self.jit_solve)
+        return h.from_matrix(metric.unwhiten(c, d))
 
     def project(self, vectors: list[tf.Tensor], curvature: dict[str, tf.Tensor]) -> tf.Tensor:
-        """Uᵀv (m, 1) for v shaped like this block's variables, with the per-sample gradients U
-        of `curvature` (factored caches: the explicit inverse keeps no U). The quadratic model
-        of adaptive.py is made of these."""
-        return self._project(curvature, self.helper.to_matrix(vectors))
+        """Uᵀv (m, 1) for v shaped like this block's variables, from `curvature`'s U (not the
+        explicit inverse's, which keeps none): the quadratic model of adaptive.py."""
+        v = metric.metric_coordinates(curvature, self.helper.to_matrix(vectors))
+        return self._project(curvature, v)  # the whitened cache's (L⁻¹U)ᵀLᵀv = Uᵀv
 
     def _project(self, c: dict[str, tf.Tensor], v: tf.Tensor) -> tf.Tensor:
         """Uᵀv (m, 1) from the cache, for v as the block's matrix."""

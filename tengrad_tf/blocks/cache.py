@@ -56,9 +56,11 @@ def capacity_for(layer_name: str, batch: int | None, max_batch_size: int | None,
 
 
 def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, *,
-                 adaptive_damping: bool, joint: bool, window: bool) -> dict[str, tuple]:
+                 adaptive_damping: bool, joint: bool, window: bool,
+                 whitened: bool = False) -> dict[str, tuple]:
     """{field: (shape, dtype)} of a block's cache of kind `cache` (cost.py) for `capacity` samples
-    and P = `p` positions: the factors (layer dtype), and the solve's state (float64)."""
+    and P = `p` positions: the factors (layer dtype), and the solve's state (float64).
+    `whitened`: the cache is of whitened input rows, and keeps their factor L_A (metric.py)."""
     rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
     if cache is CacheKind.FACTORS:
         fields = {"a": rows + [helper.d_in], "g": rows + [helper.d_out]}
@@ -70,6 +72,8 @@ def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, 
         fields = {"j": [capacity, *helper.matrix_shape]}
     else:
         fields = {}
+    if whitened:
+        fields["metric"] = [helper.d_in, helper.d_in]
     if joint:  # the network solve keeps the factorization (blocks/network.py)
         solve_state = {}
     elif cache is CacheKind.INVERSE:
@@ -191,7 +195,7 @@ class Cache:
         with tf.control_dependencies([] if check is None else [check]):
             pad = tf.maximum(cap - m, 0)
             for k, t in state.items():
-                if t.shape.rank == 0 or k == "inverse":  # damping, requested, samples; (d, d)
+                if t.shape.rank == 0 or k in ("inverse", "metric"):  # no sample axis
                     out[k] = t
                     continue
                 if k == "cholesky":

@@ -14,17 +14,18 @@ from tests.helpers import DAMPING, LR, per_sample_sce, plain, sce, weights
 
 
 def fit_matches_reference(model, x, y, fisher_type, sampled_labels, classes=3, blocks=None,
-                          per_sample_loss=per_sample_sce, **optimizer):
+                          per_sample_loss=per_sample_sce, metrics=None, **optimizer):
     """One fit step on the whole batch; asserts every variable moved by −lr·d of the reference
     (a block for each layer with an exact block, d = g elsewhere). Returns the optimizer.
 
-    `sampled_labels`: the `fixed_sampled_labels` fixture's dict (used when fisher_type="true")."""
+    `sampled_labels`: the `fixed_sampled_labels` fixture's dict (used when fisher_type="true").
+    `metrics`: the reference's damping metrics ({first variable's path: D}, reference.py)."""
     y_fisher = y
     if fisher_type == "true":
         y_fisher = (np.asarray(y) + 1) % classes
         sampled_labels["y"] = y_fisher
     expected, _ = reference.reference_directions(model, x, y, y_fisher, per_sample_loss, DAMPING,
-                                                 blocks=blocks)
+                                                 blocks=blocks, metrics=metrics)
     before = weights(model)
     opt = plain(**{**dict(learning_rate=LR, damping=DAMPING, fisher=fisher_type,
                           first_order="sgd"), **optimizer})
