@@ -2,11 +2,13 @@
 
 Nothing here uses tengrad_tf: per-sample gradients come from `tape.jacobian` of the vector of
 per-sample losses, the Fisher block is formed explicitly as F = (1/m) U Uᵀ with kernel and bias
-flattened together, and (F + λI) d = g is solved with numpy.
+flattened together, and (F + λI) d = g is solved with numpy (or (F + λD) d = g, with the damping
+metric D = D_A ⊗ I formed from the layer's own inputs: `input_metric`, `layer_metrics`).
 """
 
 from __future__ import annotations
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -72,16 +74,47 @@ def input_metric(rows, d_out, identity_share):
     return np.kron(d_a, np.eye(d_out))
 
 
-def plain_step(blocks, fisher_rows, rows, damping, lr):
+def layer_inputs(model, x):
+    """Each layer's input on `x`, by layer (a sub-model of the built model)."""
+    probe = keras.Model(model.inputs, [layer.input for layer in model.layers])
+    return dict(zip(model.layers, probe([x], training=True)))
+
+
+def dense_rows(layer, inputs):
+    """A Dense layer's input rows, with the bias's column of ones when it has a bias."""
+    rows = np.asarray(inputs, np.float64)
+    return np.concatenate([rows, np.ones((len(rows), 1))], 1) if layer.use_bias else rows
+
+
+def conv_rows(layer, inputs):
+    """The conv's patches (kernel order kh, kw, channels), one row per output position."""
+    kh, kw = layer.kernel_size
+    patches = tf.image.extract_patches(inputs, [1, kh, kw, 1], [1, 1, 1, 1], [1, 1, 1, 1],
+                                       padding=layer.padding.upper())
+    return dense_rows(layer, np.reshape(patches.numpy(), (-1, kh * kw * inputs.shape[-1])))
+
+
+def layer_metrics(model, x, rows_of, identity_share):
+    """{kernel path: D_A ⊗ I} (`input_metric`) for the layers in `rows_of` ({layer: rows
+    function, e.g. `dense_rows`}), from their inputs on `x`."""
+    inputs = layer_inputs(model, x)
+    return {layer.kernel.path: input_metric(rows(layer, inputs[layer]), layer.kernel.shape[-1],
+                                            identity_share)
+            for layer, rows in rows_of.items()}
+
+
+def plain_step(blocks, fisher_rows, rows, damping, lr, metrics=None):
     """One plain damped natural-gradient step (no momentum, clip or decay) of every block (a tuple
     of variables): the gradient is the mean of `rows`, the Fisher that of `fisher_rows` (both
     {path: (m, size)} per-sample gradients). Returns whether the step differs by more than 1 %
-    from the one with the batch's own Fisher (of `rows`)."""
+    from the one with the batch's own Fisher (of `rows`). `metrics`: {first variable's path: D}
+    damps those blocks with λD in both solves (`layer_metrics`)."""
     differs = False
     for block in blocks:
         g = [rows[v.path].mean(0) for v in block]
-        ds = block_direction([fisher_rows[v.path] for v in block], g, damping)
-        own = block_direction([rows[v.path] for v in block], g, damping)
+        metric = (metrics or {}).get(block[0].path)
+        ds = block_direction([fisher_rows[v.path] for v in block], g, damping, metric)
+        own = block_direction([rows[v.path] for v in block], g, damping, metric)
         differs |= bool(np.linalg.norm(np.concatenate(own) - np.concatenate(ds))
                         > 1e-2 * np.linalg.norm(np.concatenate(ds)))
         for v, d in zip(block, ds):

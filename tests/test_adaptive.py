@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from tengrad_tf import TENGraD, adaptive, replay
+from tengrad_tf.blocks.metric import IDENTITY_SHARE
 from tests import reference
-from tests.blocks.test_metric import dense_rows, metrics_of
 from tests.helpers import data, dcgan_step, mlp, per_sample_sce, plain, sce
 
 
@@ -59,7 +59,8 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
         rows = reference.per_sample_gradients(model, xb, yb, per_sample_sce, variables)
         g = {p: r.mean(axis=0) for p, r in rows.items()}
         # An update step takes the Fisher of the update before it when lagged (its own if none).
-        metric = (metrics_of(model, xb, {layer: dense_rows for layer in model.layers})
+        rows_of = dict.fromkeys(model.layers, reference.dense_rows)
+        metric = (reference.layer_metrics(model, xb, rows_of, IDENTITY_SHARE)
                   if input_metric else {kernel: np.eye(rows[kernel].shape[1] + rows[bias].shape[1])
                                         for kernel, bias in blocks})
         reuse = t % freq or (lagged and cached is not None)

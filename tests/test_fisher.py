@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from tengrad_tf import TENGraD, fisher
+from tengrad_tf.blocks.metric import IDENTITY_SHARE
 from tengrad_tf.record import LossCall
 from tests import reference
 from tests.helpers import DAMPING, LR, plain
@@ -167,14 +168,13 @@ def test_exact_fisher_step_is_the_softmax_fisher_in_closed_form(float64, name, k
 def test_exact_fisher_with_the_input_metric(float64):
     """fisher="exact" repeats each input row once per class in the Gram; D_A is still the second
     moment of the batch's own inputs."""
-    from tests.blocks.test_metric import dense_rows, metrics_of
-
     rng = np.random.default_rng(2)
     x, y = rng.normal(size=(6, 5)), rng.integers(0, 3, 6)
     model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, "tanh"),
                               keras.layers.Dense(3)])
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    metrics = metrics_of(model, x, {layer: dense_rows for layer in model.layers})
+    metrics = reference.layer_metrics(model, x, dict.fromkeys(model.layers, reference.dense_rows),
+                                      IDENTITY_SHARE)
     expected = _exact_fisher_directions(model, model, x, y, loss, DAMPING, metrics=metrics)
     before = {v.path: v.numpy().ravel() for v in model.trainable_variables}
     model.compile(optimizer=plain(learning_rate=LR, damping=DAMPING, fisher="exact",

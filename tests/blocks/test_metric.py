@@ -16,36 +16,14 @@ import tensorflow as tf
 from tengrad_tf import TENGraD, adaptive
 from tengrad_tf.blocks import CacheKind, FisherBlock, metric
 from tests import reference
+from tests.reference import conv_rows, dense_rows
 from tests.helpers import DAMPING, LR, data, mlp, per_sample_sce, plain, sce, weights
 from tests.layers.exactness import fit_matches_reference
 
 
-def layer_inputs(model, x):
-    """Each layer's input on `x`, by layer (a sub-model of the built model)."""
-    probe = keras.Model(model.inputs, [layer.input for layer in model.layers])
-    return dict(zip(model.layers, probe([x], training=True)))
-
-
-def dense_rows(layer, inputs):
-    rows = np.asarray(inputs, np.float64)
-    return np.concatenate([rows, np.ones((len(rows), 1))], 1) if layer.use_bias else rows
-
-
-def conv_rows(layer, inputs):
-    """The conv's patches (kernel order kh, kw, channels), one row per output position."""
-    kh, kw = layer.kernel_size
-    patches = tf.image.extract_patches(inputs, [1, kh, kw, 1], [1, 1, 1, 1], [1, 1, 1, 1],
-                                       padding=layer.padding.upper())
-    return dense_rows(layer, np.reshape(patches.numpy(), (-1, kh * kw * inputs.shape[-1])))
-
-
 def metrics_of(model, x, rows_of):
-    """{kernel path: D_A ⊗ I} for the layers in `rows_of` ({layer: rows function})."""
-    inputs = layer_inputs(model, x)
-    return {layer.kernel.path: reference.input_metric(rows(layer, inputs[layer]),
-                                                      layer.kernel.shape[-1],
-                                                      metric.IDENTITY_SHARE)
-            for layer, rows in rows_of.items()}
+    """The reference's D_A ⊗ I (tests/reference.py) at the package's γ."""
+    return reference.layer_metrics(model, x, rows_of, metric.IDENTITY_SHARE)
 
 
 def conv_model(use_bias=True):
@@ -149,15 +127,10 @@ def test_reused_curvature_keeps_its_batchs_metric(float64):
     variables = shadow.trainable_variables
     fisher_rows = reference.per_sample_gradients(shadow, x0, y0, per_sample_sce, variables)
     metrics = metrics_of(shadow, x0, {layer: dense_rows for layer in shadow.layers})
+    blocks = [tuple(layer.trainable_weights) for layer in shadow.layers]
     for step, (xb, yb) in enumerate(((x0, y0), (x1, y1))):
         rows = reference.per_sample_gradients(shadow, xb, yb, per_sample_sce, variables)
-        for layer in shadow.layers:
-            k, b = layer.kernel, layer.bias
-            dk, db = reference.block_direction(
-                [fisher_rows[k.path], fisher_rows[b.path]],
-                [rows[k.path].mean(0), rows[b.path].mean(0)], DAMPING, metrics[k.path])
-            k.assign(k.numpy() - LR * dk.reshape(k.shape))
-            b.assign(b.numpy() - LR * db.reshape(b.shape))
+        reference.plain_step(blocks, fisher_rows, rows, DAMPING, LR, metrics=metrics)
         if step == 0:
             for path, w in weights(shadow).items():
                 np.testing.assert_allclose(weights(model)[path], w, rtol=1e-9, atol=1e-12)
