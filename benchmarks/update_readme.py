@@ -38,6 +38,8 @@ TABLES = {name: _renderer(name) for name in
 # benchmarks/results/).
 FOLDER_TABLES = {
     "time_to_accuracy_paper": ("time_to_accuracy", "time_to_accuracy_paper/time_to_accuracy.json"),
+    "time_to_accuracy_paper_metric": (
+        "time_to_accuracy", "damping_metric_rows/time_to_accuracy_paper/time_to_accuracy.json"),
     "time_to_accuracy_cifar10": ("time_to_accuracy",
                                  "time_to_accuracy_cifar10/time_to_accuracy.json"),
     "time_to_accuracy_cifar100": ("time_to_accuracy",

@@ -62,6 +62,7 @@ DEFAULT_TARGET = 0.85
 # recomputed: TENGraD's curvature_update_freq, K-FAC's inv_update_freq (its TInv).
 HPARAM_FLAGS = {"lr": "learning_rate", "momentum": "momentum", "weight_decay": "weight_decay",
                 "damping": "damping", "fisher": "fisher", "kl_clip": "kl_clip",
+                "damping_metric": "damping_metric",
                 "freq": ("curvature_update_freq", "inv_update_freq")}
 
 LABELS = {"sgd": "SGD", "adam": "Adam", "kfac": "K-FAC", "tengrad": "TENGraD"}
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "curvature_update_freq, K-FAC's inv_update_freq")
     o.add_argument("--fisher", choices=["true", "empirical"])
     o.add_argument("--kl-clip", type=_kl_clip, help="KL clip kappa, or 'none'")
+    o.add_argument("--damping-metric", choices=["identity", "inputs"],
+                   help="TENGraD's damping_metric (default identity; docs/step.md)")
     m = p.add_argument_group("model size")
     m.add_argument("--width", type=int, help="3C1F conv channels (paper 128, demo 32)")
     m.add_argument("--hidden", type=int, help="3C1F dense units (paper 500)")

@@ -70,11 +70,7 @@ def bind(record: StepView, variables, grads,
         block = block_for(layer)
         _check_same_batch(layer, calls)
         pairs.append((block, calls))
-        text = block.describe(calls[0].inputs.shape)
-        if len(calls) > 1:
-            text += f"; called {len(calls)} times per step, contributions summed exactly"
-        for v in block.variables:
-            treatments[v.path] = text
+        treatments.update(describe(block, calls))
     for layer, reason in record.skipped:
         for v in layer.trainable_weights:
             first_order.setdefault(id(v), (layer, reason))
@@ -94,6 +90,14 @@ def bind(record: StepView, variables, grads,
         else:
             treatments[v.path] = FIRST_ORDER_OTHER
     return Binding(pairs, {v.path: treatments[v.path] for v in variables}, first_order_layers)
+
+
+def describe(block, calls) -> dict[str, str]:
+    """{variable path: the summary's line} for a block and its layer's calls in a step."""
+    text = block.describe(calls[0].inputs.shape)
+    if len(calls) > 1:
+        text += f"; called {len(calls)} times per step, contributions summed exactly"
+    return {v.path: text for v in block.variables}
 
 
 def require_blocks(binding: Binding, record: StepView, variables, grads,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from tengrad_tf import distribute, first_order, output_grads
+from tengrad_tf import binding, distribute, first_order, output_grads
 from tengrad_tf.first_order import FIRST_ORDER_DAMPED, FIRST_ORDER_SGD
 from tengrad_tf.step import Step
 
@@ -28,8 +28,10 @@ class Directions:
         # fisher="exact": R rows of output gradients per sample, so each block sees each input row
         # R times in a row (output_grads.py); its cache is sized for R·m.
         rows = output_grads.rows_per_sample(self.fisher, step.losses)
-        for block, _ in pairs:  # a block refuses a Gram beyond its memory budget (cost.py)
+        for block, calls in pairs:  # a block refuses a Gram beyond its memory budget (cost.py)
             block.input_repeats = rows
+            if rows > 1:  # its summary line depends on R too (its damping metric's form)
+                self._treatments.update(binding.describe(block, calls))
         pairs = [(block, output_grads.repeat_inputs(calls, rows)) for block, calls in pairs]
         # Read in the forward pass's graph: it encloses this one when Keras's LossScaleOptimizer
         # calls apply inside a tf.cond branch (mixed_float16), and the true Fisher's sampled pass,

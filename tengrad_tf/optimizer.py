@@ -50,7 +50,9 @@ class TENGraD(PreconditionedOptimizer):
             a Dense or convolution block with λ·D_A ⊗ I, D_A its inputs' normalized second moment
             (blocks/metric.py): the damping then charges a step for the change of the layer's
             outputs, not of its weights, as K-FAC's input factor does (docs/step.md, "The damping
-            metric"). F stays the exact Fisher. Other blocks, and layers with more than 2,048
+            metric"). F stays the exact Fisher. A Dense layer with more inputs than its batch has
+            rows solves through the rows (blocks/metric_rows.py: no D_in × D_in matrix, and a
+            step costs about what λI's does). Other blocks, and other layers with more than 2,048
             inputs, keep λI (`summary()` says which).
         momentum: μ in [0, 1), heavy-ball momentum on the natural-gradient direction.
         weight_decay: decoupled weight decay (θ ← θ − lr·wd·θ), or None.

@@ -28,7 +28,7 @@ OPTIMIZER_HPARAMS = {
     "sgd": ("learning_rate", "momentum", "weight_decay"),
     "adam": ("learning_rate", "weight_decay"),
     "tengrad": ("learning_rate", "momentum", "weight_decay", "damping", "fisher",
-                "curvature_update_freq", "kl_clip"),
+                "curvature_update_freq", "kl_clip", "damping_metric"),
     "kfac": ("learning_rate", "momentum", "weight_decay", "damping", "fisher", "kl_clip",
              "stat_decay", "cov_update_freq", "inv_update_freq", "inverse_method"),
 }

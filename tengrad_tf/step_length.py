@@ -35,7 +35,7 @@ class StepLength:
         modelled = []
         if self.adaptive_learning_rate or self.adaptive_damping:  # TENGraD's exact blocks only
             modelled = [(lambda v, b=b, c=c: b.project(v, c), c["damping"], ids,
-                         _metric_of(b, c)) for b, ids, c in step.parts]
+                         metric.coordinates_of(c, b.helper)) for b, ids, c in step.parts]
             if self.first_order != FIRST_ORDER_ADAM:  # variables with F = 0: C = λI
                 modelled += [(None, self._damping_tensor(), [i]) for i in step.first_order]
         # m of the projections U_bᵀv, which are zero-padded when the cache's capacity is fixed.
@@ -174,10 +174,3 @@ class StepLength:
             damping_retries=self.damping_retries, interval=every, checks=self.check_interval,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)
-
-
-def _metric_of(block, curvature):
-    """v ↦ Lᵀv for a block damped with a metric D = LLᵀ (blocks/metric.py), else None (D = I)."""
-    if "metric" not in curvature:
-        return None
-    return lambda vectors: [metric.metric_coordinates(curvature, block.helper.to_matrix(vectors))]

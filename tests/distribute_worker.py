@@ -40,7 +40,9 @@ CONFIGS = {
     "true_clipnorm": ("TENGraD", dict(
         fisher="true", learning_rate=0.1, damping=0.05, momentum=0.0, kl_clip=None,
         curvature_update_freq=1, clipnorm=0.05)),
-    # D_A of the global batch's inputs: a replica's own would damp each replica differently.
+    # D_A of the global batch's inputs: a replica's own would damp each replica differently. The
+    # first Dense layer (D_in = 28 > 16 rows) takes it through the rows (blocks/metric_rows.py),
+    # zero-padded in the last batch of 8; the convolution and the last layer through L_A.
     "input_metric_reuse": ("TENGraD", dict(
         fisher="true", learning_rate=0.1, damping=0.05, momentum=0.9, kl_clip=None,
         curvature_update_freq=2, damping_metric="inputs")),

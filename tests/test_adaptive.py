@@ -116,14 +116,15 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
     return out
 
 
-def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, **options):
+def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, inputs=5,
+                             hidden=4, **options):
     """Train with adaptive damping, adapting every step, and compare each step's weights, ρ and λ
     (and with learning_rate="auto" the coefficients (α, μ)) with `simulate`. `options`: more
     TENGraD arguments."""
-    model = mlp()
+    model = mlp(inputs=inputs, hidden=hidden)
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
-    x, y = data(m * steps)
+    x, y = data(m * steps, inputs=inputs)
     reference_batch = options.get("damping_batch_size", 128)
     expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
                         lagged=options.get("lagged_curvature", True),
@@ -153,14 +154,17 @@ def test_adaptive_step_matches_the_float64_simulation(float64, momentum):
 
 
 @pytest.mark.parametrize("momentum", ["auto", 0.5])
-def test_adaptive_step_with_the_input_metric_matches_the_float64_simulation(float64, momentum):
+@pytest.mark.parametrize("inputs, hidden", [(5, 4), (12, 10)])  # m = 8 rows: L_A; the rows form
+def test_adaptive_step_with_the_input_metric_matches_the_float64_simulation(float64, momentum,
+                                                                             inputs, hidden):
     """damping_metric="inputs": the blocks' λD and the quadratic model's sᵀ(F + λD)s, with D of
     the Fisher's batch, kept with the cached curvature and refactorized for each new λ."""
+    shape = dict(inputs=inputs, hidden=hidden, damping_metric="inputs")
     check_against_simulation(m=8, steps=4, freq=3, damping=0.5, momentum=momentum,
-                             learning_rate="auto", damping_metric="inputs")
+                             learning_rate="auto", **shape)
     if momentum == 0.5:  # and M(s) of the default mode's momentum step, with a fixed lr
         check_against_simulation(m=8, steps=6, freq=3, damping=0.05, momentum=0.9,
-                                 learning_rate=1.5, damping_metric="inputs")
+                                 learning_rate=1.5, **shape)
 
 
 @pytest.mark.parametrize("lagged, damping_batch_size", [(True, 128), (False, 128), (True, None)])

@@ -215,6 +215,9 @@ def test_preset_then_cli_overrides():
     assert cfg["hparams"]["tengrad"]["kl_clip"] is None
     assert cfg["hparams"]["tengrad"]["curvature_update_freq"] == 7
     assert "kl_clip" not in cfg["hparams"]["sgd"]
+    metric = _config("--optimizer", "sgd", "tengrad", "--damping-metric", "inputs")
+    assert metric["hparams"]["tengrad"]["damping_metric"] == "inputs"
+    assert "damping_metric" not in metric["hparams"]["sgd"]
 
 
 def test_paper_scale_and_cifar_preset():

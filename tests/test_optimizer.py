@@ -407,6 +407,21 @@ def test_xla_fit_with_max_batch_size_matches_the_uncompiled_run(float64, monkeyp
         assert block.state_variables["cholesky"].shape.as_list() == [None, None]  # dynamic
 
 
+def test_xla_fit_with_the_input_metric_matches_the_uncompiled_run(float64):
+    """damping_metric="inputs" under XLA, cache of 8 samples: the first Dense layer (D_in = 13)
+    through its rows, N's factor padded in each epoch's last batch of 4, and the second (D_in = 5)
+    by L_A. Without XLA the cache is dynamic and both go through the rows: the same step."""
+    shape = dict(inputs=12, hidden=4)
+    init = mlp(**shape).get_weights()
+    x, y = data(20, inputs=12)
+    expected, _ = _fit_weights(init, x, y, jit_compile=False, shape=shape, fisher="empirical",
+                               damping_metric="inputs")
+    got, opt = _fit_weights(init, x, y, jit_compile=True, shape=shape, fisher="empirical",
+                            max_batch_size=8, damping_metric="inputs")
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-13)
+    assert [b.metric.form for b in opt._blocks.values()] == ["rows", "whitened"]
+
+
 def test_xla_fit_with_small_blocks_keeping_their_inverse_matches_the_uncompiled_run(
         float64, direct_inverse):
     """Small blocks keep their explicit inverse under adaptive damping (d ≤ 4m), built by the direct

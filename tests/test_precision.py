@@ -98,6 +98,8 @@ def test_mixed_precision_update_matches_float32(fixed_sampled_labels, fisher_typ
         assert all(v.dtype == "float32" for v in model.trainable_variables)
         for block in opt._blocks.values():
             cache = block.state_variables
+            if metric == "inputs":  # the convolution by L_A, the Dense layer by its 16 < 65 rows
+                assert block.metric.form == ("rows" if block.kind == "Dense" else "whitened")
             assert cache["cholesky"].dtype == tf.float64
             assert all(v.dtype == tf.float32 for k, v in cache.items() if k in ("a", "g", "j"))
         assert int(opt.iterations.numpy()) == 3 and int(opt.skipped_steps.numpy()) == 0

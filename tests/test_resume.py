@@ -35,7 +35,8 @@ CONFIGS = {
     # The explicit inverse of small blocks is cached only with a fixed damping.
     "tengrad-true-inverse": lambda: TENGraD(learning_rate=0.05, fisher="true",
                                             curvature_update_freq=3, adaptive_damping=False),
-    # The damping metric's factor L_A is cached with the curvature it whitened.
+    # The damping metric is cached with the curvature it belongs to: the convolution's L_A, the
+    # Dense layer's factor of N and (κ, σ) (8 rows < D_in = 33: blocks/metric_rows.py).
     "tengrad-metric": lambda: TENGraD(learning_rate=0.05, fisher="true", curvature_update_freq=3,
                                       damping_metric="inputs"),
     "kfac-true": lambda: KFAC(learning_rate=0.05, fisher="true", kl_clip=1e-2, stat_decay=0.9,

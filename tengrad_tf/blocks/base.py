@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 
 from tengrad_tf import eager_state, layers, woodbury
-from tengrad_tf.blocks import cost, gram, metric, per_sample, schedule, tokens
+from tengrad_tf.blocks import cost, gram, metric, metric_rows, per_sample, schedule, tokens
 from tengrad_tf.blocks.cache import Cache, cache_layout, capacity_for
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.blocks.protocol import CurvatureBlock
@@ -54,7 +54,7 @@ class FisherBlock(CurvatureBlock):
         # is λ at `damping_batch_size` samples; m samples take λ_m (woodbury.batch_damping).
         self.damping, self.damping_batch_size = damping, damping_batch_size
         self.adaptive_damping = bool(adaptive_damping)
-        self.metric = metric.DampingMetric(helper, damping_metric)  # λD_A ⊗ I or λI
+        self.metric = metric.DampingMetric(damping_metric)  # λD_A ⊗ I or λI
         # Part of the whole network's Fisher (blocks/network.py): the block caches what its
         # layer needs and hands over its Gram; the one m × m solve of all blocks is not its own.
         self.joint = bool(joint)
@@ -113,14 +113,16 @@ class FisherBlock(CurvatureBlock):
 
     def describe(self, inputs_shape) -> str:
         p = self.helper.positions(inputs_shape)
-        cache = self.cache_kind(p, self.capacity or capacity_for(
-            self.layer.name, inputs_shape[0], self.max_batch_size, self.curvature_batches))
+        capacity = self.capacity or capacity_for(self.layer.name, inputs_shape[0],
+                                                 self.max_batch_size, self.curvature_batches)
+        cache = self.cache_kind(p, capacity)
         route = cost.route(self.helper.size, cache, self.factored_threshold(p, cache))
         kept = cache.value + (", with J for the adaptive damping"
                               if cache is CacheKind.INVERSE and self.adaptive_damping else "")
+        damping = self.metric.describe(self.helper, cache, p, capacity, self.input_repeats)
         return (
             f"{self.kind} block of layer '{self.layer.name}' ({self.helper.describe_parameters()}, "
-            f"P={'dynamic' if p is None else p}; {route}; caches {kept}{self.metric.describe()})"
+            f"P={'dynamic' if p is None else p}; {route}; caches {kept}{damping})"
         )
 
     # ---- state -----------------------------------------------------------------------------------
@@ -133,9 +135,11 @@ class FisherBlock(CurvatureBlock):
         capacity = capacity_for(self.layer.name, inputs[0].shape[0], self.max_batch_size,
                                 self.curvature_batches)
         cost.check_repeated_gram(self.layer.name, capacity, self.input_repeats, self.memory_budget)
-        fields = cache_layout(self.helper, self.cache_kind(p, capacity), capacity, p,
-                              adaptive_damping=self.adaptive_damping, joint=self.joint,
-                              window=self.curvature_batches > 1, whitened=self.metric.whitens)
+        kind = self.cache_kind(p, capacity)
+        self.metric.choose(self.helper, kind, p, capacity, self.input_repeats)
+        fields = cache_layout(self.helper, kind, capacity, p, adaptive_damping=self.adaptive_damping,
+                              joint=self.joint, window=self.curvature_batches > 1,
+                              metric_form=self.metric.form)
         self._cache = Cache(self.layer.name, fields, capacity, self.max_batch_size, ones=("damping",))
         if self.diagnostics:
             with eager_state.outside_the_step():
@@ -183,13 +187,16 @@ class FisherBlock(CurvatureBlock):
         with tf.name_scope("tengrad_gram"):
             if self.curvature_batches > 1:
                 fresh = gram.cache_fields(h, cache, inputs, output_grads, self.memory_budget)
-                state = self._window(fresh)
+                state = self._cache.window(fresh, self.curvature_batches)
                 if "gram" in self._cache:  # kept for the adaptive damping: only new rows
                     k = gram.gram_of_window(fresh, state, self._cache.variables["gram"],
                                             self.memory_budget, self.input_repeats)
                 else:
                     k = gram.gram_of_fields(state, self.memory_budget, None, self.input_repeats)
                 state["samples"] = tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE)
+            elif self.metric.form == metric.ROWS:  # K̃ = UᵀD⁻¹U, through the rows (metric_rows.py)
+                state = gram.cache_fields(h, cache, inputs, output_grads, self.memory_budget)
+                k, white = metric_rows.gram(state["a"], state["g"], metric.IDENTITY_SHARE)
             else:
                 state, k = gram.cache_and_gram(h, cache, inputs, output_grads,
                                                self.factored_threshold(p, cache),
@@ -203,16 +210,6 @@ class FisherBlock(CurvatureBlock):
             state.update(gram=tf.cast(k, woodbury.SOLVE_DTYPE),
                          samples=tf.cast(tf.shape(k)[0], woodbury.SOLVE_DTYPE))
         return state, retries
-
-    def _window(self, fresh: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """curvature_batches = k: this batch's samples first, then up to (k − 1)·m real (not
-        padding) samples of the previous updates in the cache; the oldest go."""
-        m = tf.shape(next(iter(fresh.values())))[0]
-        held = tf.cast(self._cache.variables["samples"], tf.int32)
-        keep = tf.where(self._cache.filled,
-                        tf.minimum(held, (self.curvature_batches - 1) * m), 0)
-        return {k: tf.concat([t, self._cache.variables[k][:keep]], axis=0)
-                for k, t in fresh.items()}
 
     def _factorize(self, k, lam, samples=None) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """The Cholesky factor of mλ_mI + K (m real samples of K's rows; None: all of them)."""
@@ -317,9 +314,12 @@ class FisherBlock(CurvatureBlock):
                 d = tf.matmul(c["inverse"], tf.reshape(tf.cast(v, c["inverse"].dtype), [-1, 1]))
                 d = tf.reshape(tf.cast(d, v.dtype), h.matrix_shape)
         else:
+            damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
+            if "metric_scale" in c:  # D through the batch's rows: D⁻¹ is part of the solve
+                with tf.name_scope("tengrad_solve"):
+                    return h.from_matrix(metric_rows.direction(c, v, damped, self.jit_solve))
             utv = self._project(c, v)
             with tf.name_scope("tengrad_solve"):
-                damped = woodbury.DampedGram(c["cholesky"], c["damping"], 0)
                 d = woodbury.inverse_times(v, utv, lambda s: self._combine(c, s), damped,
                                            jit=self.jit_solve)
         return h.from_matrix(metric.unwhiten(c, d))

@@ -57,10 +57,11 @@ def capacity_for(layer_name: str, batch: int | None, max_batch_size: int | None,
 
 def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, *,
                  adaptive_damping: bool, joint: bool, window: bool,
-                 whitened: bool = False) -> dict[str, tuple]:
+                 metric_form: str | None = None) -> dict[str, tuple]:
     """{field: (shape, dtype)} of a block's cache of kind `cache` (cost.py) for `capacity` samples
     and P = `p` positions: the factors (layer dtype), and the solve's state (float64).
-    `whitened`: the cache is of whitened input rows, and keeps their factor L_A (metric.py)."""
+    `metric_form` (metric.py): "whitened", the cache is of whitened input rows and keeps their
+    factor L_A; "rows", it keeps the Cholesky factor of N and (κ, σ) (metric_rows.py)."""
     rows = [capacity] if p == 1 else [capacity, p]  # Dense factors: (m, D) matrices
     if cache is CacheKind.FACTORS:
         fields = {"a": rows + [helper.d_in], "g": rows + [helper.d_out]}
@@ -72,7 +73,7 @@ def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, 
         fields = {"j": [capacity, *helper.matrix_shape]}
     else:
         fields = {}
-    if whitened:
+    if metric_form == "whitened":
         fields["metric"] = [helper.d_in, helper.d_in]
     if joint:  # the network solve keeps the factorization (blocks/network.py)
         solve_state = {}
@@ -84,6 +85,8 @@ def cache_layout(helper, cache: CacheKind, capacity: int | None, p: int | None, 
         solve_state = {"cholesky": [capacity, capacity]}
         if adaptive_damping:  # K and the λ it was factorized for
             solve_state.update(gram=[capacity, capacity], requested=[])
+    if metric_form == "rows":
+        solve_state.update(metric_cholesky=[capacity, capacity], metric_scale=[2])
     if "requested" in solve_state or window:
         solve_state["samples"] = []  # m, the real samples (the cache may be zero-padded)
     if not joint:
@@ -127,6 +130,14 @@ class Cache:
             self.variables[k].assign(values[k])
         self.filled.assign(True)
 
+    def window(self, fresh: dict[str, tf.Tensor], batches: int) -> dict[str, tf.Tensor]:
+        """curvature_batches = k (`batches`): this batch's samples first, then up to (k − 1)·m
+        real (not padding) samples of the previous updates held here; the oldest go."""
+        m = tf.shape(next(iter(fresh.values())))[0]
+        held = tf.cast(self.variables["samples"], tf.int32)
+        keep = tf.where(self.filled, tf.minimum(held, (batches - 1) * m), 0)
+        return {k: tf.concat([t, self.variables[k][:keep]], axis=0) for k, t in fresh.items()}
+
     # ---- saving and restoring (resume.py) ------------------------------------------------------
     @property
     def state_variables(self) -> dict[str, tf.Variable]:
@@ -151,7 +162,7 @@ class Cache:
         for k, v in self.variables.items():
             value = tf.convert_to_tensor(arrays[k])
             # Compare all but the sample axes, which `to_capacity` adapts below.
-            want = ([m, m] if k in ("cholesky", "gram") else
+            want = ([m, m] if k in ("cholesky", "gram", "metric_cholesky") else
                     [m, *v.shape[1:]] if k in ("a", "g", "j", "tokens") else v.shape)
             if value.dtype != v.dtype or not value.shape.is_compatible_with(want):
                 raise ValueError(mismatch + f"'{k}' was saved as {value.dtype.name} "
@@ -195,10 +206,10 @@ class Cache:
         with tf.control_dependencies([] if check is None else [check]):
             pad = tf.maximum(cap - m, 0)
             for k, t in state.items():
-                if t.shape.rank == 0 or k in ("inverse", "metric"):  # no sample axis
+                if t.shape.rank == 0 or k in ("inverse", "metric", "metric_scale"):  # no samples
                     out[k] = t
                     continue
-                if k == "cholesky":
+                if k in ("cholesky", "metric_cholesky"):
                     eye = tf.eye(cap, dtype=t.dtype)[m:, m:]
                     padded = tf.pad(t, [[0, pad], [0, pad]]) + tf.pad(eye, [[m, 0], [m, 0]])
                 elif k == "gram":

@@ -29,7 +29,10 @@ quadratic model of adaptive damping uses Lᵀv (`metric_coordinates`): sᵀ(F + 
 (1/m)‖(L⁻¹U)ᵀLᵀs‖² + λ‖Lᵀs‖².
 
 Cost: D_in² numbers per block, a D_in³/3 Cholesky per curvature update, and two triangular solves
-of D_in² · D_out per step. Blocks with D_in above `MAX_INPUT_DIM` keep D = I.
+of D_in² · D_out per step. A Dense layer on flat inputs whose batch has fewer rows than D_in needs
+none of it: D_A is then the identity plus a rank-n term, and metric_rows.py solves with D through
+the n × n matrix of the rows (the `ROWS` form). Other blocks with D_in above `MAX_INPUT_DIM` keep
+D = I.
 """
 
 from __future__ import annotations
@@ -37,27 +40,40 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tengrad_tf import woodbury
-from tengrad_tf.blocks import cost
+from tengrad_tf.blocks import cost, metric_rows
+from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.layers import Structure
 
 METRICS = ("identity", "inputs")
 #: γ, the share of the weights' own norm in D_A. 0.1 let the whitening amplify the inputs' weak
 #: directions tenfold and trained worse than D = I on 3C1F; 1 and 10 trained alike (docs/step.md).
 IDENTITY_SHARE = 1.0
-#: Larger inputs keep D = I: D_A would take D_in² memory and each step 2·D_in²·D_out products (at
-#: the paper's width, 3C1F's Dense layer has D_in = 10,369).
+#: Larger inputs take no L_A: it would take D_in² memory and each step 2·D_in²·D_out products (at
+#: the paper's width, 3C1F's Dense layer has D_in = 10,369). They take the rows form, or D = I.
 MAX_INPUT_DIM = 2048
 
+#: The two ways of computing with D_A (`DampingMetric.form`).
+WHITENED = "whitened"  # by L_A, D_A's Cholesky factor (D_in × D_in), in whitened coordinates
+ROWS = "rows"  # through the batch's n < D_in rows (metric_rows.py): Dense layers on flat inputs
 
-def unsupported_reason(helper) -> str | None:
-    """Why a block of this layer keeps D = I under damping_metric="inputs" (None: it takes D_A)."""
+
+def choose_form(helper, cache: CacheKind, p: int | None, capacity: int | None, repeats: int
+                ) -> tuple[str | None, str | None]:
+    """(form, None) for a block that takes D_A, or (None, why it keeps D = I). The rows form needs
+    one row per sample, kept as factors (a Dense layer on flat inputs, the empirical or true
+    Fisher); it is taken where it is the cheaper one (n < D_in, or n unknown when traced, since
+    a step of it costs n² per output rather than D_in²) and wherever D_in is too large for L_A."""
     if helper.structure is not Structure.KRONECKER:
-        return "its per-sample gradients are not input rows times output rows"
+        return None, "its per-sample gradients are not input rows times output rows"
     if helper.groups != 1:
-        return "it has groups of channels (one D_A per group is not implemented)"
+        return None, "it has groups of channels (one D_A per group is not implemented)"
+    by_rows = cache is CacheKind.FACTORS and p == 1 and repeats == 1
+    if by_rows and (capacity is None or capacity < helper.d_in or helper.d_in > MAX_INPUT_DIM):
+        return ROWS, None
     if helper.d_in > MAX_INPUT_DIM:
-        return f"D_in = {helper.d_in} > {MAX_INPUT_DIM}"
-    return None
+        return None, (f"D_in = {helper.d_in} > {MAX_INPUT_DIM}, and its rows are not one per "
+                      "sample in a factored cache")
+    return WHITENED, None
 
 
 def input_factor(helper, inputs: list[tf.Tensor], memory_budget: int) -> tf.Tensor:
@@ -108,25 +124,41 @@ def metric_coordinates(curvature: dict, v: tf.Tensor) -> tf.Tensor:
 
 
 class DampingMetric:
-    """One block's damping metric: D_A ⊗ I where `name` is "inputs" and its layer allows it."""
+    """One block's damping metric: D_A ⊗ I where `name` is "inputs" and its layer allows it, by
+    the `form` chosen when the block's cache is laid out (`choose`), or λI (form None)."""
 
-    def __init__(self, helper, name: str):
-        self.reason = unsupported_reason(helper) if name == "inputs" else None
-        self.whitens = name == "inputs" and self.reason is None
+    def __init__(self, name: str):
+        self.name, self.form = name, None
 
-    def describe(self) -> str:
+    def choose(self, helper, cache: CacheKind, p, capacity, repeats) -> None:
+        if self.name == "inputs":
+            self.form, _ = choose_form(helper, cache, p, capacity, repeats)
+
+    def describe(self, helper, cache: CacheKind, p, capacity, repeats) -> str:
         """The summary's suffix: which metric the block takes, and why I where "inputs" was asked."""
-        if self.whitens:
-            return "; damping metric D_A ⊗ I"
-        return "" if self.reason is None else f"; damping metric I: {self.reason}"
+        if self.name != "inputs":
+            return ""
+        form, reason = choose_form(helper, cache, p, capacity, repeats)
+        if form is None:
+            return f"; damping metric I: {reason}"
+        return "; damping metric D_A ⊗ I" + (", through the batch's rows" if form == ROWS else "")
 
     def helper_for_curvature(self, helper, inputs, memory_budget) -> tuple[object, dict]:
         """(the helper to build this update's curvature from, {"metric": L_A} or {})."""
-        if not self.whitens:
+        if self.form != WHITENED:
             return helper, {}
         with tf.name_scope("tengrad_metric"):
             factor = input_factor(helper, inputs, memory_budget)
         return Whitened(helper, factor), {"metric": factor}
+
+
+def coordinates_of(curvature: dict, helper):
+    """v ↦ tensors whose inner products are vᵀDw, for a block damped with a metric; None (D = I)."""
+    if "metric" in curvature:
+        return lambda vectors: [metric_coordinates(curvature, helper.to_matrix(vectors))]
+    if "metric_scale" in curvature:
+        return lambda vectors: metric_rows.coordinates(curvature, helper.to_matrix(vectors))
+    return None
 
 
 class Whitened:

@@ -18,7 +18,7 @@ from tengrad_tf.blocks import CacheKind, FisherBlock, metric
 from tests import reference
 from tests.reference import conv_rows, dense_rows
 from tests.helpers import DAMPING, LR, data, mlp, per_sample_sce, plain, sce, weights
-from tests.layers.exactness import fit_matches_reference
+from tests.layers.exactness import fit_matches_reference, treatment
 
 
 def metrics_of(model, x, rows_of):
@@ -45,6 +45,22 @@ def test_dense_step_is_the_exact_solve_with_the_input_metric(float64, fixed_samp
     metrics = metrics_of(model, x, {layer: dense_rows for layer in model.layers})
     fit_matches_reference(model, x, y, fisher_type, fixed_sampled_labels, metrics=metrics,
                           damping_metric="inputs")
+
+
+@pytest.mark.parametrize("fisher_type", ["empirical", "true"])
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("max_batch_size", [None, 9])
+def test_wide_dense_layers_solve_through_the_batchs_rows(float64, fixed_sampled_labels, fisher_type,
+                                                         use_bias, max_batch_size):
+    """n = 6 rows < D_in (13 and 11): D_A⁻¹ through the rows' 6 × 6 matrix (metric_rows.py), also
+    with the cache zero-padded to a capacity of 9."""
+    model = mlp(use_bias=use_bias, inputs=12, hidden=10)
+    x, y = data(6, inputs=12)
+    metrics = metrics_of(model, x, {layer: dense_rows for layer in model.layers})
+    opt = fit_matches_reference(model, x, y, fisher_type, fixed_sampled_labels, metrics=metrics,
+                                damping_metric="inputs", max_batch_size=max_batch_size)
+    for layer in model.layers:
+        assert treatment(opt, layer).endswith("damping metric D_A ⊗ I, through the batch's rows)")
 
 
 @pytest.mark.parametrize("fisher_type", ["empirical", "true"])
@@ -110,11 +126,12 @@ def test_the_identity_metric_would_fail_the_same_check(float64, fixed_sampled_la
         fit_matches_reference(model, x, y, "empirical", fixed_sampled_labels, metrics=metrics)
 
 
-def test_reused_curvature_keeps_its_batchs_metric(float64):
-    """Between updates the cached (whitened) curvature and its D_A, both of the update's batch,
-    precondition the new gradient."""
-    model = mlp(inputs=5, hidden=4)
-    x, y = data(16)
+@pytest.mark.parametrize("inputs, hidden", [(5, 4), (12, 10)])  # whitened; through the rows
+def test_reused_curvature_keeps_its_batchs_metric(float64, inputs, hidden):
+    """Between updates the cached curvature and its D_A, both of the update's batch, precondition
+    the new gradient."""
+    model = mlp(inputs=inputs, hidden=hidden)
+    x, y = data(16, inputs=inputs)
     x0, y0, x1, y1 = x[:8], y[:8], x[8:], y[8:]
     shadow = keras.models.clone_model(model)
     shadow.set_weights(model.get_weights())
@@ -165,7 +182,8 @@ def test_summary_names_each_blocks_metric():
     model.compile(optimizer=opt, loss=sce())
     model.train_on_batch(np.array([[1, 2, 3], [4, 5, 0]]), np.array([0, 1]))
     treatments = opt.treatments()
-    assert treatments[model.layers[2].kernel.path].endswith("damping metric D_A ⊗ I)")
+    assert treatments[model.layers[2].kernel.path].endswith(
+        "damping metric D_A ⊗ I, through the batch's rows)")  # 2 rows < D_in = 13
     assert "damping metric I: its per-sample gradients are not input rows times output rows" in (
         treatments[model.layers[0].embeddings.path])
     plain_opt = TENGraD()
@@ -174,21 +192,29 @@ def test_summary_names_each_blocks_metric():
     assert "damping metric" not in plain_opt.treatments()[model.layers[2].kernel.path]
 
 
-def test_wide_inputs_keep_the_identity_and_say_so():
+def test_wide_inputs_take_the_rows_form_or_keep_the_identity_and_say_so():
+    """D_in > MAX_INPUT_DIM: no L_A; a Dense layer with one row per sample solves through its
+    rows, and under fisher="exact" (each input row repeated per class) it keeps λI."""
     model = keras.Sequential([keras.Input((metric.MAX_INPUT_DIM,)), keras.layers.Dense(2)])
+    x, y = np.ones((2, metric.MAX_INPUT_DIM), "float32"), np.array([0, 1])
     opt = TENGraD(damping_metric="inputs")
     model.compile(optimizer=opt, loss=sce())
-    model.train_on_batch(np.ones((2, metric.MAX_INPUT_DIM), "float32"), np.array([0, 1]))
-    assert f"damping metric I: D_in = {metric.MAX_INPUT_DIM + 1} > {metric.MAX_INPUT_DIM}" in (
-        opt.treatments()[model.layers[0].kernel.path])
+    model.train_on_batch(x, y)
+    assert opt.treatments()[model.layers[0].kernel.path].endswith("through the batch's rows)")
+    opt = TENGraD(damping_metric="inputs", fisher="exact")
+    model.compile(optimizer=opt, loss=sce())
+    model.train_on_batch(x, y)
+    assert (f"damping metric I: D_in = {metric.MAX_INPUT_DIM + 1} > {metric.MAX_INPUT_DIM}, and "
+            "its rows are not one per sample") in opt.treatments()[model.layers[0].kernel.path]
 
 
-def test_zero_inputs_take_the_identity_not_nan(float64):
+@pytest.mark.parametrize("inputs", [3, 6])  # 4 rows: whitened; through the rows
+def test_zero_inputs_take_the_identity_not_nan(float64, inputs):
     """A layer whose inputs are all zero (no bias) has ā = 0: D_A is I, and the step is finite."""
-    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, use_bias=False)])
+    model = keras.Sequential([keras.Input((inputs,)), keras.layers.Dense(2, use_bias=False)])
     opt = plain(damping_metric="inputs", fisher="empirical")
     model.compile(optimizer=opt, loss=sce())
-    model.train_on_batch(np.zeros((4, 3)), np.array([0, 1, 0, 1]))
+    model.train_on_batch(np.zeros((4, inputs)), np.array([0, 1, 0, 1]))
     assert np.all(np.isfinite(model.layers[0].kernel.numpy()))
 
 
