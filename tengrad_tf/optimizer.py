@@ -46,7 +46,9 @@ class TENGraD(PreconditionedOptimizer):
         damping_batch_size: int or None. A Fisher block of m samples is damped with
             λ·√(damping_batch_size / m) (woodbury.batch_damping): more at small batches, whose
             Fisher and gradient are noisier, less at large ones. None: λ at every batch size.
-        damping_metric: "identity" damps every block with λI, as the paper does. "inputs" damps
+        damping_metric: "auto" (the default) is "inputs" where it applies (fisher_blocks="layer"
+            and curvature_batches=1) and "identity" otherwise. "identity" damps every block with
+            λI, as the paper does. "inputs" damps
             a Dense or convolution block with λ·D_A ⊗ I, D_A its inputs' normalized second moment
             (blocks/metric.py): the damping then charges a step for the change of the layer's
             outputs, not of its weights, as K-FAC's input factor does (docs/step.md, "The damping
@@ -107,7 +109,7 @@ class TENGraD(PreconditionedOptimizer):
         learning_rate=0.003,
         damping=0.1,
         damping_batch_size=128,
-        damping_metric="identity",
+        damping_metric="auto",
         momentum=0.9,
         adaptive_damping=True,
         damping_adaptation_interval=5,
@@ -156,7 +158,7 @@ class TENGraD(PreconditionedOptimizer):
         # The window's older rows and the network's shared solve would mix coordinates whitened
         # by different factors; not implemented.
         check("damping_metric", damping_metric,
-              damping_metric == "identity" or (fisher_blocks == "layer" and curvature_batches == 1),
+              damping_metric != "inputs" or (fisher_blocks == "layer" and curvature_batches == 1),
               "'inputs' needs fisher_blocks='layer' and curvature_batches=1")
         check("lagged_curvature", lagged_curvature, isinstance(lagged_curvature, bool),
               "expected True or False")
@@ -205,7 +207,8 @@ class TENGraD(PreconditionedOptimizer):
             jit_solve=self.resolved_jit_solve(), max_batch_size=self.max_batch_size,
             adaptive_damping=self.adaptive_damping, joint=self.fisher_blocks == "network",
             curvature_batches=self.curvature_batches, lagged_curvature=self.lagged_curvature,
-            damping_batch_size=self.damping_batch_size, damping_metric=self.damping_metric)
+            damping_batch_size=self.damping_batch_size,
+            damping_metric=self.resolved_damping_metric())
 
     def _make_network_solve(self):
         if self.fisher_blocks != "network":
@@ -215,6 +218,16 @@ class TENGraD(PreconditionedOptimizer):
                             jit_solve=self.resolved_jit_solve(),
                             adaptive_damping=self.adaptive_damping,
                             damping_batch_size=self.damping_batch_size)
+
+    def resolved_damping_metric(self) -> str:
+        """`damping_metric` with "auto" decided: "inputs" where the blocks can take it (one
+        block per layer, one batch's Fisher), "identity" under fisher_blocks="network" or
+        curvature_batches > 1, whose shared solve or older rows would mix coordinates of
+        different metrics. `summary()` says which metric each block takes."""
+        if self.damping_metric != "auto":
+            return self.damping_metric
+        joint_or_window = self.fisher_blocks != "layer" or self.curvature_batches > 1
+        return "identity" if joint_or_window else "inputs"
 
     def resolved_jit_solve(self) -> bool:
         """`jit_solve` with "auto" decided: True iff TensorFlow sees a GPU. Asked when blocks are

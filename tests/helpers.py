@@ -44,11 +44,11 @@ def data(m, inputs=5, classes=3, seed=0):
 def plain(cls=TENGraD, **kw):
     """An optimizer whose every step is one exact damped natural-gradient step with its own
     batch's Fisher: no momentum, KL clip, weight decay, lagged curvature or curvature reuse, and
-    a fixed damping λ at every batch size; `kw` overrides any of it."""
+    a fixed damping λI at every batch size; `kw` overrides any of it."""
     base = dict(momentum=0.0, weight_decay=None, kl_clip=None)
     if cls is TENGraD:
         base.update(curvature_update_freq=1, adaptive_damping=False, lagged_curvature=False,
-                    damping_batch_size=None)
+                    damping_batch_size=None, damping_metric="identity")
     else:
         base.update(cov_update_freq=1, inv_update_freq=1)
     base.update(kw)

@@ -44,7 +44,7 @@ from tengrad_tf.blocks import cost, metric_rows
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.layers import Structure
 
-METRICS = ("identity", "inputs")
+METRICS = ("auto", "identity", "inputs")  # "auto": resolved by the optimizer
 #: γ, the share of the weights' own norm in D_A. 0.1 let the whitening amplify the inputs' weak
 #: directions tenfold and trained worse than D = I on 3C1F; 1 and 10 trained alike (docs/step.md).
 IDENTITY_SHARE = 1.0
