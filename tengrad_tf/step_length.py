@@ -129,11 +129,18 @@ class StepLength:
         # Every `check_interval` steps (damping_adaptation_interval, or a multiple of it while the
         # checks find nothing to change), and on every step after one that did less than a
         # quarter of what the model promised (or was taken back): while λ is too small, no step
-        # goes unchecked.
+        # goes unchecked. Also on the first step after each curvature update: the first that a
+        # new curvature preconditions on another batch than its own. A step with its own batch's
+        # curvature fits that batch and passes its check even where λ is far too small for the
+        # steps that reuse the curvature (docs/step.md, "Damping").
         every = self.damping_adaptation_interval
+        counter = tf.cast(step.counter, tf.int64)
+        freq = getattr(self, "curvature_update_freq", 1)
         adapt = tf.logical_or(
-            tf.equal(tf.math.floormod(tf.cast(step.counter, tf.int64), self.check_interval), 0),
+            tf.equal(tf.math.floormod(counter, self.check_interval), 0),
             self.reduction_ratio < 0.25)
+        if freq > 1:
+            adapt = tf.logical_or(adapt, tf.equal(tf.math.floormod(counter, freq), 1))
         stepped = [(v, self._before_step[self._get_variable_index(v)],
                     self._momentums[self._get_variable_index(v)])
                    for v, g in zip(variables, grads) if g is not None]
