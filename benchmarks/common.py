@@ -7,10 +7,11 @@ names the step benchmarks use, and their models on a repeated synthetic batch.
 
 Optimizer names (`make_optimizer`): "sgd", "adam", "kfac-<fisher>[-eigh|-cholesky]" (K-FAC's
 inverse method, eigh by default), and
-"tengrad-<fisher>[-f<freq>][-b<MiB>][-fixed][-jit][-metric]": TENGraD with that Fisher, curvature
-every <freq> steps (default 1, the costliest), a memory_budget of <MiB> MiB, a fixed damping with
--fixed, the m × m factorization and solves compiled by XLA (jit_solve=True) with -jit, and
-damping_metric="inputs" with -metric.
+"tengrad-<fisher>[-f<freq>][-b<MiB>][-fixed][-jit][-metric|-identity]": TENGraD with that Fisher,
+curvature every <freq> steps (default 1, the costliest), a memory_budget of <MiB> MiB, a fixed
+damping with -fixed, the m × m factorization and solves compiled by XLA (jit_solve=True) with -jit,
+damping_metric="inputs" with -metric and "identity" (λI, the paper's damping) with -identity;
+without either, the default ("auto").
 """
 
 from __future__ import annotations
@@ -179,6 +180,8 @@ def make_optimizer(name: str) -> keras.optimizers.Optimizer:
             kwargs["jit_solve"] = True
         elif option == "metric":
             kwargs["damping_metric"] = "inputs"
+        elif option == "identity":
+            kwargs["damping_metric"] = "identity"
         elif option[0] == "f":
             kwargs["curvature_update_freq"] = int(option[1:])
         elif option[0] == "b":

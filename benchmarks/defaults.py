@@ -67,8 +67,11 @@ VARIANTS = {
     "TENGraD(damping_batch_size=None)": dict(damping_batch_size=None),
     "TENGraD(curvature_batches=4, curvature_update_freq=20)":
         dict(curvature_batches=4, curvature_update_freq=20),
-    # λ·D_A ⊗ I for Dense and convolution blocks (docs/step.md, "The damping metric").
+    # λ·D_A ⊗ I for Dense and convolution blocks (docs/step.md, "The damping metric"); the
+    # default ("auto") since commit 768d69c, which takes it wherever this does.
     "TENGraD(damping_metric='inputs')": dict(damping_metric="inputs"),
+    # λI for every block: the paper's damping, and TENGraD()'s before commit 768d69c.
+    "TENGraD(damping_metric='identity')": dict(damping_metric="identity"),
 }
 
 

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "curvature_update_freq, K-FAC's inv_update_freq")
     o.add_argument("--fisher", choices=["true", "empirical"])
     o.add_argument("--kl-clip", type=_kl_clip, help="KL clip kappa, or 'none'")
-    o.add_argument("--damping-metric", choices=["identity", "inputs"],
-                   help="TENGraD's damping_metric (default identity; docs/step.md)")
+    o.add_argument("--damping-metric", choices=["auto", "identity", "inputs"],
+                   help="TENGraD's damping_metric (default auto; docs/step.md)")
     m = p.add_argument_group("model size")
     m.add_argument("--width", type=int, help="3C1F conv channels (paper 128, demo 32)")
     m.add_argument("--hidden", type=int, help="3C1F dense units (paper 500)")

@@ -172,6 +172,7 @@ class DampingAdaptation:
     damping_retries: tf.Variable
     interval: int  # damping_adaptation_interval
     checks: tf.Variable  # steps between checks now: `interval` times a power of 2 (int64)
+    scheduled: tf.Tensor  # bool: this step is one of the every-`checks` steps (not an extra one)
     floor: float | None  # a fixed learning rate: λ never falls below λ₀ (else None)
     reduction_ratio: tf.Variable
     rejected_steps: tf.Variable
@@ -223,14 +224,17 @@ class DampingAdaptation:
             self._adapt(h0, h1, go)
 
     def _space_checks(self, quiet, go) -> None:
-        """A check that finds nothing to change (`quiet`: λ stays as it was, at its floor or
-        above it, and the step did at least a quarter of what the model promised) doubles the
-        steps to the next, up to MAX_CHECK_SPACING × the interval; any other finding (λ raised or
-        lowered, a step taken back) brings them back to the interval. With a fixed learning rate
-        such checks are most of them, and each replays the forward pass and projects the step on
-        every block (docs/step.md, "Damping")."""
+        """A scheduled check that finds nothing to change (`quiet`: λ stays as it was, at its
+        floor or above it, and the step did at least a quarter of what the model promised)
+        doubles the steps to the next, up to MAX_CHECK_SPACING × the interval; any check's other
+        finding (λ raised or lowered, a step taken back) brings them back to the interval. An
+        extra check (after a weak step, or after a curvature update) that finds nothing leaves
+        the spacing as it was: two quiet checks in a row must not double it twice. With a fixed
+        learning rate quiet checks are most of them, and each replays the forward pass and
+        projects the step on every block (docs/step.md, "Damping")."""
         current = tf.convert_to_tensor(self.checks)
-        longer = tf.minimum(2 * current, self.interval * MAX_CHECK_SPACING)
+        longer = tf.where(self.scheduled,
+                          tf.minimum(2 * current, self.interval * MAX_CHECK_SPACING), current)
         spaced = tf.where(quiet, longer, tf.constant(self.interval, tf.int64))
         self.checks.assign(tf.where(go, spaced, current))
 

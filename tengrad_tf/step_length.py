@@ -136,9 +136,8 @@ class StepLength:
         every = self.damping_adaptation_interval
         counter = tf.cast(step.counter, tf.int64)
         freq = getattr(self, "curvature_update_freq", 1)
-        adapt = tf.logical_or(
-            tf.equal(tf.math.floormod(counter, self.check_interval), 0),
-            self.reduction_ratio < 0.25)
+        scheduled = tf.equal(tf.math.floormod(counter, self.check_interval), 0)
+        adapt = tf.logical_or(scheduled, self.reduction_ratio < 0.25)
         if freq > 1:
             adapt = tf.logical_or(adapt, tf.equal(tf.math.floormod(counter, freq), 1))
         stepped = [(v, self._before_step[self._get_variable_index(v)],
@@ -179,5 +178,6 @@ class StepLength:
             replayer, adapt, predict, stepped, refactor, step.context,
             damping=self.damping_variable,
             damping_retries=self.damping_retries, interval=every, checks=self.check_interval,
+            scheduled=scheduled,
             floor=None if self.adaptive_learning_rate else self.damping,
             reduction_ratio=self.reduction_ratio, rejected_steps=self.rejected_steps)

@@ -45,9 +45,10 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
     paths = [v.path for v in variables]
     blocks = [(k.path, b.path) for k, b in reference.layer_blocks(model)]
     lam, cached, cached_metric, out = damping, None, None, []
-    # Damping checks: every step here (damping_adaptation_interval=1) and after a step with
-    # ρ < 1/4; with a fixed learning rate a check that leaves λ as it was (at its floor or above),
-    # with ρ ≥ 1/4, doubles the steps to the next (up to 8).
+    # Damping checks: every step here (damping_adaptation_interval=1), after a step with ρ < 1/4
+    # and on the first step after a curvature update; with a fixed learning rate a scheduled
+    # check that leaves λ as it was (at its floor or above), with ρ ≥ 1/4, doubles the steps to
+    # the next (up to 8).
     checks, rho = 1, 1.0
     previous = {v.path: np.zeros(int(np.prod(v.shape))) for v in variables}
 
@@ -99,7 +100,9 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
             v.assign(v.numpy() - sv[lo:hi].reshape(v.shape))
         kept = sv if learning_rate == "auto" else sv / learning_rate  # the step, or the buffer
         previous = {p: kept[lo:hi] for p, lo, hi in zip(paths, offsets[:-1], offsets[1:])}
-        if t % checks and rho >= 0.25:  # no check this step
+        scheduled = t % checks == 0
+        after_update = freq > 1 and t % freq == 1  # the first step a new curvature takes
+        if not scheduled and rho >= 0.25 and not after_update:  # no check this step
             out.append(([v.numpy().copy() for v in variables], a, rho, lam))
             continue
         rho = (loss(xb, yb) - before) / predicted
@@ -107,7 +110,8 @@ def simulate(model, x, y, m, steps, freq, damping, momentum, learning_rate="auto
         lam = next_damping(lam, rho, every=1)
         if learning_rate != "auto":
             lam = max(lam, damping)
-            checks = min(2 * checks, 8) if lam == previous_lam and rho >= 0.25 else 1
+            quiet = lam == previous_lam and rho >= 0.25
+            checks = (min(2 * checks, 8) if scheduled else checks) if quiet else 1
         if not rho >= 0:  # the loss rose: the step is taken back, momentum cleared
             for v, lo, hi in zip(variables, offsets[:-1], offsets[1:]):
                 v.assign(v.numpy() + sv[lo:hi].reshape(v.shape))
@@ -126,13 +130,13 @@ def check_against_simulation(m, steps, freq, damping, momentum, learning_rate, i
     shadow.set_weights(model.get_weights())
     x, y = data(m * steps, inputs=inputs)
     reference_batch = options.get("damping_batch_size", 128)
-    expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
-                        lagged=options.get("lagged_curvature", True),
-                        input_metric=options.get("damping_metric") == "inputs",
-                        batch_scale=1.0 if reference_batch is None else np.sqrt(reference_batch / m))
     opt = TENGraD(learning_rate=learning_rate, momentum=momentum, damping=damping, kl_clip=None,
                   fisher="empirical", curvature_update_freq=freq, adaptive_damping=True,
                   damping_adaptation_interval=1, **options)
+    expected = simulate(shadow, x, y, m, steps, freq, damping, momentum, learning_rate,
+                        lagged=options.get("lagged_curvature", True),
+                        input_metric=opt.resolved_damping_metric() == "inputs",
+                        batch_scale=1.0 if reference_batch is None else np.sqrt(reference_batch / m))
     model.compile(optimizer=opt, loss=sce())
     for t in range(steps):
         model.train_on_batch(x[t * m:(t + 1) * m], y[t * m:(t + 1) * m])
@@ -180,13 +184,14 @@ def test_damping_adaptation_with_a_fixed_learning_rate_matches_the_float64_simul
 
 def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64):
     """A fixed learning rate small enough that every step does what the model promised: λ stays
-    at λ₀, and the checks space out (interval 2: steps 0, 4, 8, 16, 32, then every 16). A check
-    that finds a step that raised the loss (here: the learning rate raised to 100 in between)
-    brings them back to every 2 steps."""
+    at λ₀, and the checks space out (interval 2: steps 0, 4, 8, 16, 32, then every 16), with an
+    extra check on the first step after each curvature update (1 and 31 at freq 30), which leaves
+    the spacing as it was. A check that finds a step that raised the loss (here: the learning
+    rate raised to 100 in between) brings them back to every 2 steps."""
     model = mlp()
     x, y = data(8 * 64)
     opt = TENGraD(learning_rate=1e-3, damping=0.5, kl_clip=None, fisher="empirical",
-                  damping_adaptation_interval=2, curvature_update_freq=3)
+                  damping_adaptation_interval=2, curvature_update_freq=30)
     model.compile(optimizer=opt, loss=sce())
     checked = []
     for t in range(40):
@@ -194,7 +199,7 @@ def test_checks_that_find_nothing_space_out_and_any_finding_resets_them(float64)
         model.train_on_batch(x[8 * t:8 * t + 8], y[8 * t:8 * t + 8])
         if opt.reduction_ratio.numpy() != ratio:
             checked.append(t)
-    assert checked == [0, 4, 8, 16, 32]
+    assert checked == [0, 1, 4, 8, 16, 31, 32]
     assert opt.damping_variable.numpy() == 0.5 and int(opt.check_interval.numpy()) == 16
     opt.learning_rate.assign(100.0)
     rejected = int(opt.rejected_steps.numpy())
@@ -315,23 +320,27 @@ def test_a_check_that_leaves_lambda_as_it_was_spaces_out_at_the_floor_or_above_i
     M(s) = −1 and λ₀ = 0.1 (interval 5): a check that leaves λ where it was and finds ρ ≥ ¼ doubles
     the spacing, at λ₀ (ρ = 0.9: λ would fall, but not below λ₀) and above it (ρ = 0.5 at λ = 1:
     nothing to change); one that moves λ (ρ = 0.9 at λ = 1, ρ = 0.1) or takes the step back
-    (ρ < 0) brings the spacing back to the interval."""
+    (ρ < 0) brings the spacing back to the interval. An extra check (not `scheduled`: after a
+    weak step or a curvature update) that finds nothing leaves the spacing as it was."""
     def variable(value, dtype):
         return tf.Variable(value, dtype=dtype)
 
-    def check(lam, rho, spacing=10):
+    def check(lam, rho, spacing=10, scheduled=True):
         adaptation = adaptive.DampingAdaptation(
             replayer=None, adapt=tf.constant(True), h0=tf.constant(0.0, tf.float64),
             predicted=tf.constant(-1.0, tf.float64), stepped=[],
             refactor=lambda new: tf.constant(0), damping=variable(lam, tf.float64),
             damping_retries=variable(0, tf.int64), interval=5,
-            checks=variable(spacing, tf.int64), floor=0.1,
+            checks=variable(spacing, tf.int64), scheduled=tf.constant(scheduled), floor=0.1,
             reduction_ratio=variable(0.0, tf.float64), rejected_steps=variable(0, tf.int64))
         adaptation._adapt(tf.constant(0.0, tf.float64), tf.constant(-rho, tf.float64),
                           tf.constant(True))
         return float(adaptation.damping.numpy()), int(adaptation.checks.numpy())
 
     assert check(0.1, 0.9) == (0.1, 20)
+    assert check(0.1, 0.9, scheduled=False) == (0.1, 10)
+    lam, spacing = check(0.1, -0.5, scheduled=False)
+    assert lam > 0.1 and spacing == 5
     assert check(0.1, 0.5, spacing=40) == (0.1, 40)  # at most MAX_CHECK_SPACING intervals
     assert check(1.0, 0.5) == (1.0, 20)
     lam, spacing = check(1.0, 0.9)

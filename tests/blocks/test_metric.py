@@ -186,10 +186,27 @@ def test_summary_names_each_blocks_metric():
         "damping metric D_A ⊗ I, through the batch's rows)")  # 2 rows < D_in = 13
     assert "damping metric I: its per-sample gradients are not input rows times output rows" in (
         treatments[model.layers[0].embeddings.path])
-    plain_opt = TENGraD()
+    plain_opt = TENGraD(damping_metric="identity")
     model.compile(optimizer=plain_opt, loss=sce())
     model.train_on_batch(np.array([[1, 2, 3], [4, 5, 0]]), np.array([0, 1]))
     assert "damping metric" not in plain_opt.treatments()[model.layers[2].kernel.path]
+
+
+@pytest.mark.parametrize("kwargs, resolved", [
+    ({}, "inputs"), (dict(fisher_blocks="network"), "identity"),
+    (dict(curvature_batches=2), "identity"), (dict(damping_metric="identity"), "identity"),
+])
+def test_the_default_metric_is_the_inputs_where_it_applies(kwargs, resolved):
+    """damping_metric="auto": D_A ⊗ I with one block per layer and one batch's Fisher, λI under
+    the network's shared solve or a window of batches (which would mix metrics); summary() says
+    which each block takes."""
+    opt = TENGraD(**kwargs)
+    assert opt.resolved_damping_metric() == resolved
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer=opt, loss=sce())
+    model.train_on_batch(np.ones((2, 3), "float32"), np.array([0, 1]))
+    described = "damping metric D_A ⊗ I" in opt.treatments()[model.layers[0].kernel.path]
+    assert described == (resolved == "inputs")
 
 
 def test_wide_inputs_take_the_rows_form_or_keep_the_identity_and_say_so():
@@ -231,4 +248,5 @@ def test_bad_metric_arguments_fail_at_construction(kwargs, message):
 def test_config_round_trip():
     opt = TENGraD(damping_metric="inputs")
     assert TENGraD.from_config(opt.get_config()).damping_metric == "inputs"
-    assert TENGraD().get_config()["damping_metric"] == "identity"
+    assert TENGraD().get_config()["damping_metric"] == "auto"
+    assert TENGraD.from_config(TENGraD().get_config()).resolved_damping_metric() == "inputs"
