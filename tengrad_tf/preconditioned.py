@@ -261,16 +261,7 @@ class PreconditionedOptimizer(Directions, StepLength, ResumableCurvature, Report
 
     def _take_or_skip(self, step: Step) -> None:
         """Apply the step if it is finite (blocks keep their curvature), else count a skip."""
-        # ⟨d, g⟩ is finite only if every dᵢ and gᵢ is: a NaN or ±Inf anywhere makes the sum NaN or
-        # ±Inf (Inf·0 is NaN). One scalar check instead of one per variable, and the KL clip needs
-        # the sum anyway.
-        finite = tf.math.is_finite(step.d_dot_g)
-        # Cached curvature was stored only when finite, so only fresh curvature needs the check
-        # (on a 3C1F reuse step it would read a 75 MB per-sample-gradient cache for nothing).
-        curvature_finite = tf.cond(step.fresh, lambda: tf.reduce_all(
-            [tf.reduce_all(tf.math.is_finite(t)) for _, c in step.stores for t in c.values()]
-            or [True]), lambda: tf.constant(True))
-        finite = tf.logical_and(finite, curvature_finite)
+        finite = step.finite()
         context, scale, network = step.context, step.scale, step.network
 
         def count_taken(retries):

@@ -140,6 +140,7 @@ class StepLength:
         adapt = tf.logical_or(scheduled, self.reduction_ratio < 0.25)
         if freq > 1:
             adapt = tf.logical_or(adapt, tf.equal(tf.math.floormod(counter, freq), 1))
+        adapt = tf.logical_and(adapt, step.finite())  # a skipped step writes no snapshot
         stepped = [(v, self._before_step[self._get_variable_index(v)],
                     self._momentums[self._get_variable_index(v)])
                    for v, g in zip(variables, grads) if g is not None]

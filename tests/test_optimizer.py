@@ -190,7 +190,7 @@ def test_small_damping_in_float32_stays_accurate_and_a_descent_direction(fixed_s
 def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, monkeypatch,
                                                                    fisher_type):
     """Simulate the whole step rule of DESIGN.md with the reference and compare after 5 steps
-    (the blocks' λ scaled to the batch of 8 by the default damping_batch_size, 128: 4λ)."""
+    (the blocks' λ scaled to the batch of 8 by the default damping_batch_size, 128: 4λ; λI)."""
     m, steps, freq = 8, 5, 2
     lr, damping, mu, wd, kappa = 0.0625, 0.05, 0.9, 0.01, 1e-3
     model = mlp()
@@ -235,7 +235,8 @@ def test_several_steps_with_reuse_momentum_kl_clip_and_weight_decay(float64, mon
 
     monkeypatch.setattr(fisher, "sample_labels", sample_per_batch)
     opt = TENGraD(learning_rate=lr, damping=damping, momentum=mu, weight_decay=wd, kl_clip=kappa,
-                  curvature_update_freq=freq, fisher=fisher_type, adaptive_damping=False)
+                  curvature_update_freq=freq, fisher=fisher_type, adaptive_damping=False,
+                  damping_metric="identity")  # the metric's reuse: tests/blocks/test_metric.py
     model.compile(optimizer=opt, loss=sce())
     model.fit(x, y, batch_size=m, epochs=1, shuffle=False, verbose=0)
     for v, w in zip(model.trainable_variables, shadow.trainable_variables):
@@ -328,6 +329,8 @@ def test_unknown_loss_with_true_fisher_suggests_empirical():
 
 
 def test_non_finite_step_leaves_weights_and_state_untouched():
+    """A NaN in the batch: the step is skipped and nothing changes, not even the snapshot that a
+    damping check takes to undo a step (step 1 is checked: the first after a curvature update)."""
     model = mlp()
     x, y = data(8)
     opt = TENGraD(fisher="empirical")

@@ -40,7 +40,7 @@ from __future__ import annotations
 import tensorflow as tf
 
 from tengrad_tf import woodbury
-from tengrad_tf.blocks import cost, metric_rows
+from tengrad_tf.blocks import cost, metric_rows, per_sample
 from tengrad_tf.blocks.cost import CacheKind
 from tengrad_tf.layers import Structure
 
@@ -78,22 +78,24 @@ def choose_form(helper, cache: CacheKind, p: int | None, capacity: int | None, r
 
 def input_factor(helper, inputs: list[tf.Tensor], memory_budget: int) -> tf.Tensor:
     """L_A, the lower Cholesky factor of D_A, from the layer's calls on `inputs` (helper dtype)."""
-    n_in = helper.d_in
-    moment = tf.zeros([n_in, n_in], woodbury.SOLVE_DTYPE)
-    rows = tf.constant(0)
+    n_in, f64 = helper.d_in, woodbury.SOLVE_DTYPE
+    moment, rows = tf.zeros([n_in, n_in], f64), tf.constant(0.0, f64)
+
+    def chunk_moment(x, valid):
+        """(Σ ââᵀ, the number of rows) of the samples of x that are `valid` (not padding)."""
+        a = tf.cast(helper.input_rows(x), f64)
+        a = tf.reshape(a, [tf.shape(x)[0], -1, n_in]) * valid[:, None, None]
+        count = tf.reduce_sum(valid) * tf.cast(tf.shape(a)[1], f64)
+        a = tf.reshape(a, [-1, n_in])
+        return tf.matmul(a, a, transpose_a=True), count
+
     for x in inputs:
         # Unfolded patches can be large (P·D_in per sample), so Ā is summed over sample chunks
         # (float64: 8 bytes per number of a sample's rows).
         chunk = cost.chunk(memory_budget, 8 * helper.per_sample_elements(x.shape))
-
-        def body(i, acc, count, x=x):
-            a = tf.cast(helper.input_rows(x[i:i + chunk]), woodbury.SOLVE_DTYPE)
-            a = tf.reshape(a, [-1, n_in])
-            return i + chunk, acc + tf.matmul(a, a, transpose_a=True), count + tf.shape(a)[0]
-
-        _, moment, rows = tf.while_loop(lambda i, *_, x=x: i < tf.shape(x)[0], body,
-                                        (tf.constant(0), moment, rows))
-    moment /= tf.cast(tf.maximum(rows, 1), woodbury.SOLVE_DTYPE)
+        part, count = per_sample.sum_sample_chunks(chunk_moment, [x], chunk, (f64, f64))
+        moment, rows = moment + part, rows + count
+    moment /= tf.maximum(rows, 1.0)
     mean = tf.linalg.trace(moment) / n_in
     d_a = (moment + IDENTITY_SHARE * mean * tf.eye(n_in, dtype=woodbury.SOLVE_DTYPE)) / (
         (1.0 + IDENTITY_SHARE) * mean)

@@ -53,15 +53,18 @@ def direction(c: dict[str, tf.Tensor], v: tf.Tensor, damped: woodbury.DampedGram
     """(F + λD)⁻¹g for the gradient v as the block's matrix (D_in × D_out), from the cache c."""
     a, g = c["a"], c["g"]
     kappa, sigma = (tf.cast(x, v.dtype) for x in tf.unstack(c["metric_scale"]))
-    q = tf.cast(tf.linalg.cholesky_solve(c["metric_cholesky"], tf.cast(tf.matmul(a, v), F64)),
-                v.dtype)  # N⁻¹ÂV
-    u_transpose_d_inv_v = tf.reduce_sum(q * g, axis=1, keepdims=True) / kappa
+    # The name scopes are the λI step's parts (blocks/base.py), for benchmarks/profile_step.py.
+    with tf.name_scope("tengrad_project"):
+        q = tf.cast(tf.linalg.cholesky_solve(c["metric_cholesky"], tf.cast(tf.matmul(a, v), F64)),
+                    v.dtype)  # N⁻¹ÂV
+        u_transpose_d_inv_v = tf.reduce_sum(q * g, axis=1, keepdims=True) / kappa
 
     def d_inv_u_plus(s):
         # D⁻¹U s + κ⁻¹ÂᵀQ/σ: the products with Â of both terms of D⁻¹g − D⁻¹U s, in one.
-        weighted = tf.cast(tf.linalg.cholesky_solve(c["metric_cholesky"], tf.cast(s * g, F64)),
-                           v.dtype)
-        return tf.matmul(a, q / sigma + weighted, transpose_a=True) / kappa
+        with tf.name_scope("tengrad_combine"):
+            weighted = tf.cast(tf.linalg.cholesky_solve(c["metric_cholesky"],
+                                                        tf.cast(s * g, F64)), v.dtype)
+            return tf.matmul(a, q / sigma + weighted, transpose_a=True) / kappa
 
     return woodbury.inverse_times(v / kappa, u_transpose_d_inv_v, d_inv_u_plus, damped, jit=jit)
 

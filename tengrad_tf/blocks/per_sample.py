@@ -38,9 +38,39 @@ def map_sample_chunks(
     The batch (and the chunk) may be dynamic, so the inputs are padded to a multiple of `chunk` and
     the padding is cut off again. `dtype`: of fn's result (default: that of `tensors[0]`).
     """
-    static_m = tensors[0].shape[0]
-    if chunk is None or (isinstance(chunk, int) and static_m is not None and chunk >= static_m):
+    if _in_one_chunk(tensors, chunk):
         return fn(*tensors)
+    m = tf.shape(tensors[0])[0]
+    padded, n_chunks, chunk = _padded_chunks(tensors, chunk)
+    out = tf.map_fn(lambda args: fn(*args), tuple(padded),
+                    fn_output_signature=dtype or tensors[0].dtype)
+    out = tf.reshape(out, tf.concat([[n_chunks * chunk], tf.shape(out)[2:]], 0))
+    return out[:m]
+
+
+def sum_sample_chunks(fn: Callable[..., tuple], tensors: list[Tensor], chunk: int | None,
+                      dtypes: tuple) -> tuple:
+    """Σ over consecutive chunks of `chunk` samples of fn(*chunk's tensors, valid), `valid` (the
+    chunk's samples,) 1 for a sample and 0 for padding, which fn must weight by it; fn returns a
+    tuple of tensors of `dtypes`. Chunked as `map_sample_chunks` is, for reductions."""
+    if _in_one_chunk(tensors, chunk):
+        return fn(*tensors, tf.ones([tf.shape(tensors[0])[0]], dtypes[0]))
+    m = tf.shape(tensors[0])[0]
+    padded, n_chunks, chunk = _padded_chunks(tensors, chunk)
+    valid = tf.reshape(tf.cast(tf.range(n_chunks * chunk) < m, dtypes[0]), [n_chunks, chunk])
+    parts = tf.map_fn(lambda args: fn(*args), tuple(padded) + (valid,),
+                      fn_output_signature=tuple(dtypes))
+    return tuple(tf.reduce_sum(part, axis=0) for part in parts)
+
+
+def _in_one_chunk(tensors: list[Tensor], chunk: int | Tensor | None) -> bool:
+    static_m = tensors[0].shape[0]
+    return chunk is None or (isinstance(chunk, int) and static_m is not None and chunk >= static_m)
+
+
+def _padded_chunks(tensors: list[Tensor], chunk: int | Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+    """The tensors zero-padded to whole chunks and shaped (chunks, chunk, ...): fixed-size chunks,
+    whose size TensorFlow infers where the batch is static (a dynamic slice would not be)."""
     m = tf.shape(tensors[0])[0]
     # Balance the chunks so that padding stays below n_chunks samples (a batch of 128 with a chunk
     # of 290 must not be padded to 290: that would double the work and the memory).
@@ -51,10 +81,7 @@ def map_sample_chunks(
         pad = [[0, n_chunks * chunk - m]] + [[0, 0]] * (t.shape.rank - 1)
         t = tf.pad(t, pad)
         padded.append(tf.reshape(t, tf.concat([[n_chunks, chunk], tf.shape(t)[1:]], 0)))
-    out = tf.map_fn(lambda args: fn(*args), tuple(padded),
-                    fn_output_signature=dtype or tensors[0].dtype)
-    out = tf.reshape(out, tf.concat([[n_chunks * chunk], tf.shape(out)[2:]], 0))
-    return out[:m]
+    return padded, n_chunks, chunk
 
 
 def gram_factored(a: Tensor, g: Tensor, chunk: int | None = None,

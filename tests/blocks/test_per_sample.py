@@ -36,6 +36,21 @@ def test_chunking_is_exact_for_any_chunk(chunk):
     np.testing.assert_allclose(j_chunk.numpy(), j_full.numpy(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("chunk", [None, 1, 2, 3, 5, 8])
+def test_summed_chunks_weight_out_the_padding(chunk):
+    """Σ over chunks equals the sum over the batch: the zero padding of the last chunk (m = 5 in
+    chunks of 2 or 3) must count neither in the sum nor in the count, even where fn maps a zero
+    sample to something nonzero (here: its entries plus one)."""
+    x = tf.constant(np.random.default_rng(0).normal(size=(5, 4)))
+
+    def fn(xs, valid):
+        return tf.reduce_sum((xs + 1.0) * valid[:, None], axis=0), tf.reduce_sum(valid)
+
+    total, count = per_sample.sum_sample_chunks(fn, [x], chunk, (tf.float64, tf.float64))
+    np.testing.assert_allclose(total.numpy(), (x.numpy() + 1.0).sum(axis=0), rtol=1e-12)
+    assert count.numpy() == 5
+
+
 def test_chunking_with_a_dynamic_batch_inside_tf_function():
     a, g = factors(m=5)
     spec = [tf.TensorSpec([None, 7, 4], tf.float64), tf.TensorSpec([None, 7, 3], tf.float64)]
