@@ -68,7 +68,8 @@ def _in_one_chunk(tensors: list[Tensor], chunk: int | Tensor | None) -> bool:
     return chunk is None or (isinstance(chunk, int) and static_m is not None and chunk >= static_m)
 
 
-def _padded_chunks(tensors: list[Tensor], chunk: int | Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
+def _padded_chunks(tensors: list[Tensor], chunk: int | Tensor
+                   ) -> tuple[list[Tensor], Tensor, Tensor]:
     """The tensors zero-padded to whole chunks and shaped (chunks, chunk, ...): fixed-size chunks,
     whose size TensorFlow infers where the batch is static (a dynamic slice would not be)."""
     m = tf.shape(tensors[0])[0]
