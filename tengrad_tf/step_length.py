@@ -14,7 +14,7 @@ import logging
 import tensorflow as tf
 
 from tengrad_tf import adaptive, output_grads, replay
-from tengrad_tf.blocks import metric
+from tengrad_tf.blocks import metric, schedule
 from tengrad_tf.first_order import FIRST_ORDER_ADAM
 from tengrad_tf.step import Step, inner_product
 
@@ -23,6 +23,10 @@ logger = logging.getLogger("tengrad_tf")
 
 class StepLength:
     """The step-length stage of `PreconditionedOptimizer.apply` (a mixin of it)."""
+
+    # Steps between curvature updates, whose first reusing step the damping adaptation checks;
+    # TENGraD sets its own. 1: every step has fresh curvature, no extra check.
+    curvature_update_freq = 1
 
     def _step_length(self, step: Step) -> None:
         """Scale the directions: the quadratic model's step (learning_rate="auto") or the KL clip;
@@ -135,11 +139,10 @@ class StepLength:
         # steps that reuse the curvature (docs/step.md, "Damping").
         every = self.damping_adaptation_interval
         counter = tf.cast(step.counter, tf.int64)
-        freq = getattr(self, "curvature_update_freq", 1)
-        scheduled = tf.equal(tf.math.floormod(counter, self.check_interval), 0)
+        scheduled = schedule.every(counter, self.check_interval)
         adapt = tf.logical_or(scheduled, self.reduction_ratio < 0.25)
-        if freq > 1:
-            adapt = tf.logical_or(adapt, tf.equal(tf.math.floormod(counter, freq), 1))
+        if self.curvature_update_freq > 1:
+            adapt = tf.logical_or(adapt, schedule.every(counter - 1, self.curvature_update_freq))
         adapt = tf.logical_and(adapt, step.finite())  # a skipped step writes no snapshot
         stepped = [(v, self._before_step[self._get_variable_index(v)],
                     self._momentums[self._get_variable_index(v)])

@@ -37,7 +37,7 @@ def output_rows(helper, output_grads) -> tf.Tensor:
 
 def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf.Tensor:
     """J, the explicit per-sample gradients (m, *matrix), chunked over samples."""
-    chunk = _per_sample_chunk(helper, inputs, memory_budget)
+    chunk = _per_sample_chunk(helper, inputs, output_grads, memory_budget)
     if helper.structure is Structure.KRONECKER and helper.per_sample_from_rows:
         return per_sample.per_sample(lambda xs: input_rows(helper, xs), inputs,
                                      output_rows(helper, output_grads), chunk)
@@ -50,10 +50,18 @@ def per_sample_gradients(helper, inputs, output_grads, memory_budget: int) -> tf
         [*inputs, *output_grads], chunk, dtype=helper.dtype)
 
 
-def _per_sample_chunk(helper, inputs, memory_budget: int) -> int:
-    """Samples per chunk of J's intermediate (patches or per-sample gradients)."""
+def _per_sample_chunk(helper, inputs, output_grads, memory_budget: int) -> int | None:
+    """Samples per chunk of J's intermediate (patches or per-sample gradients); None: one piece,
+    where it is not larger than the inputs, output gradients and J it is computed between."""
     intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
-    return cost.chunk(memory_budget, _BYTES * intermediate)
+    held = helper.size + sum(_elements_per_sample(t) for t in [*inputs, *output_grads])
+    return cost.chunk(memory_budget, intermediate, held, _BYTES)
+
+
+def _elements_per_sample(t: tf.Tensor) -> int:
+    """Elements of one sample of t; 0 where a dimension is dynamic (then nothing counts as held)."""
+    dims = t.shape[1:]
+    return 0 if None in dims else math.prod(dims)
 
 
 def pair_chunk(g: tf.Tensor, memory_budget: int) -> tf.Tensor:
@@ -136,7 +144,8 @@ def cache_and_gram(helper, cache: CacheKind, inputs, output_grads, threshold: fl
             return per_sample.gram_explicit(j)
         # J from the cached rows, in chunks of samples, dropped after the Gram.
         return per_sample.gram_explicit(per_sample.per_sample(
-            lambda rows: rows[0], [a], g, _per_sample_chunk(helper, inputs, memory_budget)))
+            lambda rows: rows[0], [a], g,
+            _per_sample_chunk(helper, inputs, output_grads, memory_budget)))
 
     # The cache (what is smaller to keep) and the Gram route (what is cheaper to compute) are
     # separate choices: with P > 1 positions, route F's m²P²(D_in + D_out) can exceed route E's

@@ -37,6 +37,8 @@ D = I.
 
 from __future__ import annotations
 
+import math
+
 import tensorflow as tf
 
 from tengrad_tf import woodbury
@@ -91,8 +93,11 @@ def input_factor(helper, inputs: list[tf.Tensor], memory_budget: int) -> tf.Tens
 
     for x in inputs:
         # Unfolded patches can be large (P·D_in per sample), so Ā is summed over sample chunks
-        # (float64: 8 bytes per number of a sample's rows).
-        chunk = cost.chunk(memory_budget, 8 * helper.per_sample_elements(x.shape))
+        # (float64: 8 bytes per number of a sample's rows); rows that are the input (Dense) are not.
+        p = helper.positions(x.shape)
+        rows_elements = helper.per_sample_elements(x.shape) if p is None else p * n_in
+        held = 0 if None in x.shape[1:] else math.prod(x.shape[1:])
+        chunk = cost.chunk(memory_budget, rows_elements, held, 8)
         part, count = per_sample.sum_sample_chunks(chunk_moment, [x], chunk, (f64, f64))
         moment, rows = moment + part, rows + count
     moment /= tf.maximum(rows, 1.0)

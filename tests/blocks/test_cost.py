@@ -3,9 +3,12 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
+from tengrad_tf import TENGraD
 from tengrad_tf.blocks import CacheKind, FisherBlock, cost
 from tests.blocks.test_conv import conv_model, one_step_matches_reference
+from tests.helpers import train_step
 
 
 def test_cost_model_switches_where_the_arithmetic_says():
@@ -82,3 +85,32 @@ def test_keeps_inverse_bounds_small_blocks_by_the_batch_only_under_adaptive_damp
     assert cost.keeps_inverse(1024, 1024, 128, adaptive_damping=False)
     assert cost.keeps_inverse(1024, 1024, None, adaptive_damping=True)  # dynamic batch
     assert not cost.keeps_inverse(1025, 1024, 4096, adaptive_damping=True)
+
+
+def test_only_intermediates_larger_than_twice_what_the_step_holds_are_chunked():
+    """One piece at ≤ 2× the held elements per sample, chunks within the budget above it."""
+    assert cost.chunk(2**20, 100, 50) is None
+    assert cost.chunk(2**20, 101, 50, item_bytes=8) == 2**20 // 808
+    assert cost.chunk(2**20, 10**9) == 1  # never less than a sample
+
+
+def chunk_loops(model, input_shape) -> list[str]:
+    """The chunk loops (map_fn) of a TENGraD() step traced with a dynamic batch."""
+    step = train_step(model, TENGraD())
+    graph_def = step.get_concrete_function(tf.TensorSpec((None, *input_shape)),
+                                           tf.TensorSpec((None,), tf.int64)).graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    return [n.name for n in nodes if "While" in n.op and "map/" in n.name]
+
+
+def test_a_dense_step_traces_no_chunk_loop_and_a_convolution_keeps_its_own(direct_inverse):
+    """A Dense layer's rows are its input and a bias column, its J no more than it computes, so
+    with a dynamic batch neither D_A's moment nor J (these small blocks cache their inverse, built
+    from J) is a loop over chunks, each a while loop that the first step traces and optimizes; a
+    3 × 3 convolution's patches, 9× its input, are summed in chunks (D_A's moment)."""
+    keras.utils.set_random_seed(0)
+    mlp = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4), keras.layers.Dense(3)])
+    assert chunk_loops(mlp, (5,)) == []
+    conv = keras.Sequential([keras.Input((8, 8, 4)), keras.layers.Conv2D(6, 3, padding="same"),
+                             keras.layers.Flatten(), keras.layers.Dense(3)])
+    assert any("tengrad_metric" in name for name in chunk_loops(conv, (8, 8, 4)))
