@@ -497,6 +497,8 @@ def test_first_step_times_the_first_batch_and_writes_json_and_table(tmp_path):
     sgd, ours = mlp["SGD(0.03, 0.9)"]["median_seconds"], mlp["TENGraD()"]["median_seconds"]
     assert 0 < sgd < 60 and 0 < ours < 60
     assert mlp["TENGraD()"]["vs_sgd"] == pytest.approx(ours / sgd)
+    # The traced step's nodes: TENGraD's curvature, solve and damping check are many times SGD's.
+    assert 100 < mlp["SGD(0.03, 0.9)"]["graph_nodes"] < mlp["TENGraD()"]["graph_nodes"] / 3
     assert "goal" not in on_disk["summary"]  # the goal is 3C1F's
     assert (tmp_path / "first_step.md").read_text() == first_step.markdown_table(on_disk)
 
