@@ -125,6 +125,13 @@ def chunk(memory_budget: int, intermediate: int, held: int = 0, item_bytes: int 
     return max(1, memory_budget // max(1, item_bytes * intermediate))
 
 
+def elements_per_sample(shape) -> int:
+    """Elements of one sample of a tensor of `shape`; 0 where a dimension is dynamic (then nothing
+    counts as held by `chunk`)."""
+    dims = shape[1:]
+    return 0 if None in dims else math.prod(dims)
+
+
 def check_repeated_gram(layer_name: str, rows: int | None, repeats: int, memory_budget: int
                         ) -> None:
     """fisher="exact" repeats each sample's rows once per class (`repeats`), which multiplies the

@@ -54,14 +54,8 @@ def _per_sample_chunk(helper, inputs, output_grads, memory_budget: int) -> int |
     """Samples per chunk of J's intermediate (patches or per-sample gradients); None: one piece,
     where it is not larger than the inputs, output gradients and J it is computed between."""
     intermediate = sum(helper.per_sample_elements(x.shape) for x in inputs)
-    held = helper.size + sum(_elements_per_sample(t) for t in [*inputs, *output_grads])
+    held = helper.size + sum(cost.elements_per_sample(t.shape) for t in [*inputs, *output_grads])
     return cost.chunk(memory_budget, intermediate, held, _BYTES)
-
-
-def _elements_per_sample(t: tf.Tensor) -> int:
-    """Elements of one sample of t; 0 where a dimension is dynamic (then nothing counts as held)."""
-    dims = t.shape[1:]
-    return 0 if None in dims else math.prod(dims)
 
 
 def pair_chunk(g: tf.Tensor, memory_budget: int) -> tf.Tensor:

@@ -37,8 +37,6 @@ D = I.
 
 from __future__ import annotations
 
-import math
-
 import tensorflow as tf
 
 from tengrad_tf import woodbury
@@ -96,8 +94,7 @@ def input_factor(helper, inputs: list[tf.Tensor], memory_budget: int) -> tf.Tens
         # (float64: 8 bytes per number of a sample's rows); rows that are the input (Dense) are not.
         p = helper.positions(x.shape)
         rows_elements = helper.per_sample_elements(x.shape) if p is None else p * n_in
-        held = 0 if None in x.shape[1:] else math.prod(x.shape[1:])
-        chunk = cost.chunk(memory_budget, rows_elements, held, 8)
+        chunk = cost.chunk(memory_budget, rows_elements, cost.elements_per_sample(x.shape), 8)
         part, count = per_sample.sum_sample_chunks(chunk_moment, [x], chunk, (f64, f64))
         moment, rows = moment + part, rows + count
     moment /= tf.maximum(rows, 1.0)
