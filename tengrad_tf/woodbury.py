@@ -199,6 +199,6 @@ _factorize_xla = tf.function(lambda gram, damping, max_retries, samples: tuple(
 # it is traced once per process (per Gram dtype and max_retries) and each call is one op; grappler
 # inlines it again, so the step runs what it ran before (docs/performance.md, the first step).
 _factorize_graph = tf.function(lambda gram, damping, max_retries, samples: tuple(
-    _factorize(gram, damping, max_retries, samples)), reduce_retracing=True)
+    _factorize(gram, damping, max_retries, samples)), reduce_retracing=True, autograph=False)
 _cholesky_solve_xla = tf.function(tf.linalg.cholesky_solve, jit_compile=True,
                                   reduce_retracing=True)
