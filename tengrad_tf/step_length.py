@@ -91,8 +91,11 @@ class StepLength:
             return directions
         lr = tf.cast(self.learning_rate, tf.float64)
         nu = self._kl_factor(lr * lr * vdg)
+        # ν cast once per dtype, not once per variable: an op of every step, per variable.
+        dtypes = dict.fromkeys(d.dtype for d in directions if d is not None)
+        nus = {dtype: tf.cast(nu, dtype) for dtype in dtypes}
         return [d if d is None or (only is not None and i not in only)
-                else d * tf.cast(nu, d.dtype) for i, d in enumerate(directions)]
+                else d * nus[d.dtype] for i, d in enumerate(directions)]
 
     def _kl_factor(self, kl) -> tf.Tensor:
         """ν = min(1, sqrt(κ / KL)) for the quadratic model's KL of the step (float64)."""
@@ -153,13 +156,15 @@ class StepLength:
             if self.adaptive_learning_rate:  # the directions hold the step s itself
                 s = directions
             else:  # s = lr·(μ p + d), p the momentum buffer (update_step's rule)
-                s = {}
+                s, rates = {}, {}  # lr read once per dtype, not once per variable
                 for i in {i for _, _, ids, *_ in modelled for i in ids}:
                     d, dtype = directions[i], directions[i].dtype
                     if self.momentum:
                         p = self._momentums[self._get_variable_index(variables[i])]
                         d = self._momentum_buffer(d, tf.cast(p, dtype))
-                    s[i] = tf.cast(self.learning_rate, dtype) * d
+                    if dtype not in rates:
+                        rates[dtype] = tf.cast(self.learning_rate, dtype)
+                    s[i] = rates[dtype] * d
             predicted = adaptive.model_value(modelled, s, grads, samples)
             if adam:  # Adam's own diagonal model of its step (adaptive.adam_model)
                 lr = self.learning_rate
