@@ -64,17 +64,15 @@ def all_finite(tensors) -> tf.Tensor:
     cannot overflow as a norm or sum of t itself could. reduce_all(is_finite(t)) takes three to
     six ops per tensor (its reduction axes too): a step stores some 40 tensors of curvature on
     3C1F and 75 on the Transformer, and every op is paid again at the first step's tracing."""
-    norms: dict[tf.DType, list[tf.Tensor]] = {}
     zeros: dict[tf.DType, tf.Tensor] = {}
+    norms = []
     for t in tensors:
         if t.dtype not in zeros:
             zeros[t.dtype] = tf.zeros([], t.dtype)
-        zero = zeros[t.dtype]
-        norms.setdefault(t.dtype, []).append(tf.nn.l2_loss(t * zero))
+        norms.append(tf.nn.l2_loss(t * zeros[t.dtype]))
     if not norms:
         return tf.constant(True)
-    return tf.math.is_finite(tf.add_n(
-        [tf.reduce_sum(tf.cast(tf.stack(n), tf.float64)) for n in norms.values()]))
+    return tf.math.is_finite(float64_total(norms))
 
 
 def inner_product(directions, grads) -> tf.Tensor:
@@ -83,10 +81,18 @@ def inner_product(directions, grads) -> tf.Tensor:
     Each variable is reduced in its own dtype; the per-variable sums are stacked per dtype and added
     in float64 (one cast per dtype rather than one per variable: a step's op count is its cost on
     small models)."""
-    sums: dict[tf.DType, list[tf.Tensor]] = {}
-    for d, g in zip(directions, grads):
-        if d is not None:
-            sums.setdefault(d.dtype, []).append(tf.reduce_sum(d * tf.cast(g, d.dtype)))
+    sums = [tf.reduce_sum(d * tf.cast(g, d.dtype)) for d, g in zip(directions, grads)
+            if d is not None]
     if not sums:
         return tf.constant(0.0, tf.float64)
-    return tf.add_n([tf.reduce_sum(tf.cast(tf.stack(s), tf.float64)) for s in sums.values()])
+    return float64_total(sums)
+
+
+def float64_total(scalars) -> tf.Tensor:
+    """The sum of scalars of any float dtypes, in float64: stacked per dtype and cast once per
+    dtype, rather than once per scalar (a step's op count is its cost on small models)."""
+    by_dtype: dict[tf.DType, list[tf.Tensor]] = {}
+    for x in scalars:
+        by_dtype.setdefault(x.dtype, []).append(x)
+    return tf.add_n([tf.reduce_sum(tf.cast(tf.stack(xs), tf.float64))
+                     for xs in by_dtype.values()])
